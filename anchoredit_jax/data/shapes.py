@@ -31,18 +31,16 @@ DIAMETERS = {"small": 0.16, "medium": 0.24, "large": 0.32}
 MOVE_STEP = 0.25
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 RESIZE_DIRECTIONS = ("bigger", "smaller")
-_CELL = (1 / 6, 1 / 2, 5 / 6)
-PLACES = {
-    "top left": (_CELL[0], _CELL[0]), "top": (_CELL[1], _CELL[0]), "top right": (_CELL[2], _CELL[0]),
-    "left": (_CELL[0], _CELL[1]), "center": (_CELL[1], _CELL[1]), "right": (_CELL[2], _CELL[1]),
-    "bottom left": (_CELL[0], _CELL[2]), "bottom": (_CELL[1], _CELL[2]),
-    "bottom right": (_CELL[2], _CELL[2]),
-}
+# 3x3 grid of named places -> cell centers (x, y) at 1/6, 1/2, 5/6 of the side.
+PLACES = {" ".join(w for w in (row, col) if w) or "center": ((2 * j + 1) / 6, (2 * i + 1) / 6)
+          for i, row in enumerate(("top", "", "bottom"))
+          for j, col in enumerate(("left", "", "right"))}
 SPLITS = ("train", "heldout")
 BACKGROUNDS = ("procedural", "photo")
 # Disjoint photo lists: held-out photos never appear in training sequences.
 PHOTOS = {
-    "train": ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "grass"),
+    "train": ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera",
+              "grass"),
     "heldout": ("hubble_deep_field", "retina", "colorwheel", "brick", "gravel"),
 }
 MIN_RES, MAX_RES, MAX_TURNS, MAX_OBJECTS = 32, 1024, 32, 4
@@ -53,14 +51,13 @@ SUPERSAMPLE = 4  # 4x4 samples per pixel for anti-aliased coverage
 TEMPLATES = {
     "recolour": ("make the {target} {colour}", "change the colour of the {target} to {colour}",
                  "paint the {target} {colour}", "turn the {target} {colour}"),
-    "move": ("move the {target} {direction}", "shift the {target} to the {direction}",
-             "move the {target} to the {direction}", "nudge the {target} {direction}"),
-    "move_vertical": ("move the {target} {direction}", "shift the {target} {direction}wards",
-                      "move the {target} {direction}", "nudge the {target} {direction}"),
+    "move": ("move the {target} {direction}", "shift the {target} {towards}",
+             "move the {target} {towards}", "nudge the {target} {direction}"),
     "bigger": ("make the {target} bigger", "enlarge the {target}", "grow the {target}"),
-    "smaller": ("make the {target} smaller", "shrink the {target}", "reduce the size of the {target}"),
-    "add": ("add a {size} {colour} {shape} at the {place}", "put a {size} {colour} {shape} {inplace}",
-            "place a {size} {colour} {shape} {inplace}", "draw a {size} {colour} {shape} {inplace}"),
+    "smaller": ("make the {target} smaller", "shrink the {target}",
+                "reduce the size of the {target}"),
+    "add": ("add a {size} {colour} {shape} at the {place}", "put a {new} {inplace}",
+            "place a {new} {inplace}", "draw a {new} {inplace}"),
     "remove": ("remove the {target}", "delete the {target}", "take away the {target}",
                "erase the {target}"),
 }
@@ -74,13 +71,8 @@ class Obj:
   cx: float  # center, image fractions
   cy: float
 
-  @property
-  def key(self):
-    return (self.colour, self.shape)
-
-  @property
-  def radius(self):
-    return DIAMETERS[self.size] / 2
+  key = property(lambda self: (self.colour, self.shape))
+  radius = property(lambda self: DIAMETERS[self.size] / 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,24 +118,22 @@ def _check(field, value, allowed):
     raise ValueError(f"{field} must be one of {tuple(allowed)}, got {value!r}")
 
 
+_OP_ARGS = {  # op -> the Edit fields it needs and their allowed values
+    "recolour": {"colour": COLOURS}, "move": {"direction": DIRECTIONS},
+    "resize": {"direction": RESIZE_DIRECTIONS}, "remove": {},
+    "add": {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "place": PLACES},
+}
+
+
 def _check_names(e: Edit):
   _check("op", e.op, OPS)
-  if e.op == "add":
-    _check("colour", e.colour, COLOURS)
-    _check("shape", e.shape, SHAPES)
-    _check("size", e.size, SIZES)
-    _check("place", e.place, PLACES)
-    return
-  if e.target is None or len(e.target) != 2:
-    raise ValueError(f"target must be a (colour, shape) pair for op {e.op!r}, got {e.target!r}")
-  _check("target colour", e.target[0], COLOURS)
-  _check("target shape", e.target[1], SHAPES)
-  if e.op == "recolour":
-    _check("colour", e.colour, COLOURS)
-  elif e.op == "move":
-    _check("direction", e.direction, DIRECTIONS)
-  elif e.op == "resize":
-    _check("direction", e.direction, RESIZE_DIRECTIONS)
+  if e.op != "add":
+    if e.target is None or len(e.target) != 2:
+      raise ValueError(f"target must be a (colour, shape) pair for {e.op!r}, got {e.target!r}")
+    _check("target colour", e.target[0], COLOURS)
+    _check("target shape", e.target[1], SHAPES)
+  for field, allowed in _OP_ARGS[e.op].items():
+    _check(field, getattr(e, field), allowed)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -161,15 +151,6 @@ def _apart(a: Obj, b: Obj) -> bool:
 
 def _fits(o: Obj, others) -> bool:
   return _inside(o) and all(_apart(o, b) for b in others)
-
-
-def _replace(scene: Scene, i: int, new: Obj | None) -> Scene:
-  objs = list(scene.objects)
-  if new is None:
-    del objs[i]
-  else:
-    objs[i] = new
-  return dataclasses.replace(scene, objects=tuple(objs))
 
 
 def _edited_object(scene: Scene, e: Edit):
@@ -214,32 +195,31 @@ def apply_edit(scene: Scene, edit: Edit) -> Scene:
   if reason is not None:
     raise ValueError(f"edit {edit} is invalid: {reason}")
   i, new = _edited_object(scene, edit)
-  if i is None:
-    return dataclasses.replace(scene, objects=scene.objects + (new,))
-  return _replace(scene, i, new)
+  objs = list(scene.objects) if i is None else list(scene.objects[:i]) + list(scene.objects[i + 1:])
+  if new is not None:  # edited objects keep their slot in the list; added ones go last
+    objs.insert(len(objs) if i is None else i, new)
+  return dataclasses.replace(scene, objects=tuple(objs))
+
+
+def _add_options(scene: Scene):
+  """Free (colour, shape) pairs and fitting (place, size) spots; any pair x spot is valid."""
+  keys = [o.key for o in scene.objects]
+  if len(keys) >= MAX_OBJECTS:
+    return [], []
+  free = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in keys]
+  spots = [(p, z) for p in PLACES for z in SIZES
+           if _fits(Obj("circle", "red", z, *PLACES[p]), scene.objects)]
+  return free, spots
 
 
 def valid_edits(scene: Scene, op: str) -> list:
   """All valid edits of one op on this scene (add: every free (colour, shape) x fitting spot)."""
   _check("op", op, OPS)
-  keys = [o.key for o in scene.objects]
   if op == "add":
-    if len(keys) >= MAX_OBJECTS:
-      return []
-    free = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in keys]
-    spots = [(p, z) for p in PLACES for z in SIZES
-             if _fits(Obj("circle", "red", z, *PLACES[p]), scene.objects)]
+    free, spots = _add_options(scene)
     return [Edit("add", colour=c, shape=s, size=z, place=p) for c, s in free for p, z in spots]
-  cands = []
-  for k in keys:
-    if op == "recolour":
-      cands += [Edit(op, k, colour=c) for c in COLOURS if c != k[0]]
-    elif op == "move":
-      cands += [Edit(op, k, direction=d) for d in DIRECTIONS]
-    elif op == "resize":
-      cands += [Edit(op, k, direction=d) for d in RESIZE_DIRECTIONS]
-    else:
-      cands.append(Edit(op, k))
+  options = [{f: v} for f, values in _OP_ARGS[op].items() for v in values] or [{}]  # remove: {}
+  cands = [Edit(op, o.key, **kw) for o in scene.objects for kw in options]
   return [e for e in cands if _invalid_reason(scene, e) is None]
 
 
@@ -247,16 +227,14 @@ def describe(edit: Edit, rng: np.random.Generator) -> str:
   """English instruction for an edit; objects are always named "the <colour> <shape>"."""
   _check_names(edit)
   target = f"{edit.target[0]} {edit.target[1]}" if edit.target is not None else None
-  key = edit.op
-  if edit.op == "resize":
-    key = edit.direction
-  elif edit.op == "move" and edit.direction in ("up", "down"):
-    key = "move_vertical"
-  templates = TEMPLATES[key]
+  templates = TEMPLATES[edit.direction if edit.op == "resize" else edit.op]
   text = templates[int(rng.integers(len(templates)))]
   inplace = "in the center" if edit.place == "center" else f"at the {edit.place}"
-  return text.format(target=target, colour=edit.colour, direction=edit.direction,
-                     size=edit.size, shape=edit.shape, place=edit.place, inplace=inplace)
+  vertical = edit.direction in ("up", "down")
+  towards = f"{edit.direction}wards" if vertical else f"to the {edit.direction}"
+  return text.format(target=target, colour=edit.colour, direction=edit.direction, towards=towards,
+                     size=edit.size, shape=edit.shape, place=edit.place, inplace=inplace,
+                     new=f"{edit.size} {edit.colour} {edit.shape}")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -276,7 +254,7 @@ def _grid(res: int):
   return t[None, :], t[:, None]  # x [1, res], y [res, 1]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=8)  # small: at res 1024 each entry is 12 MB
 def _background(bg: Background, res: int) -> np.ndarray:
   """[res, res, 3] float32; cached because every turn of a sequence shares the background."""
   if bg.kind == "photo":
@@ -286,13 +264,13 @@ def _background(bg: Background, res: int) -> np.ndarray:
     out = 0.2 + 0.6 * np.asarray(img, np.float32) / 255
   else:
     c0, c1, angle, freq, phase, tint = bg.params
+    c0, c1, tint = (np.asarray(v, np.float32) for v in (c0, c1, tint))
     x, y = _grid(res)
     ux, uy = np.cos(angle), np.sin(angle)
     lo = min(0.0, ux) + min(0.0, uy)
-    t = ((x * ux + y * uy) - lo) / (abs(ux) + abs(uy))  # [res, res] in [0, 1]
-    wave = np.sin(2 * np.pi * (freq[0] * x + freq[1] * y) + phase)
-    out = (np.asarray(c0, np.float32) + (np.asarray(c1, np.float32) - np.asarray(c0, np.float32))
-           * t[..., None] + wave[..., None] * np.asarray(tint, np.float32))
+    t = ((x * ux + y * uy) - lo) / (abs(ux) + abs(uy))  # [res, res] gradient position in [0, 1]
+    wave = np.sin(2 * np.pi * (freq[0] * x + freq[1] * y) + phase)  # [res, res]
+    out = c0 + (c1 - c0) * t[..., None] + wave[..., None] * tint  # [res, res, 3]
   out = np.clip(out, 0, 1).astype(np.float32)
   out.setflags(write=False)
   return out
@@ -330,9 +308,8 @@ def render(scene: Scene, res: int) -> np.ndarray:
   img = _background(scene.background, res).copy()
   for o in scene.objects:
     y0, x0, cov = _coverage(o, res)
-    patch = img[y0:y0 + cov.shape[0], x0:x0 + cov.shape[1]]
-    a = cov[..., None]
-    patch += a * (np.asarray(PALETTE[o.colour], np.float32) - patch)
+    patch = img[y0:y0 + cov.shape[0], x0:x0 + cov.shape[1]]  # view: blends in place
+    patch += cov[..., None] * (np.asarray(PALETTE[o.colour], np.float32) - patch)
   return img
 
 
@@ -368,7 +345,7 @@ def _sample_scene(rng, kind, split) -> Scene:
     colour, shape = free[int(rng.integers(len(free)))]
     size = SIZES[int(rng.integers(len(SIZES)))]
     r = DIAMETERS[size] / 2 + MARGIN
-    for _ in range(50):  # rejection sampling for a free spot
+    for _ in range(50):  # rejection sampling for a free spot; on failure the scene is smaller
       o = Obj(shape, colour, size, *(float(v) for v in rng.uniform(r, 1 - r, 2)))
       if _fits(o, objs):
         objs.append(o)
@@ -382,15 +359,17 @@ def sample_edit(scene: Scene, rng, ops=None) -> Edit:
   for pool in (tuple(ops or OPS), OPS):
     order = [pool[i] for i in rng.permutation(len(pool))]
     for op in order:
+      if op == "add":  # sample the product lazily instead of building ~800 Edit objects
+        free, spots = _add_options(scene)
+        if free and spots:
+          k = int(rng.integers(len(free) * len(spots)))
+          (c, s), (p, z) = free[k // len(spots)], spots[k % len(spots)]
+          return Edit("add", colour=c, shape=s, size=z, place=p)
+        continue
       cands = valid_edits(scene, op)
       if cands:
         return cands[int(rng.integers(len(cands)))]
   raise RuntimeError("no valid edit")  # unreachable: recolour always has a free colour
-
-
-def _split_code(split):
-  _check("split", split, SPLITS)
-  return SPLITS.index(split)
 
 
 def make_sequence(seed: int, num_turns: int, res: int, split: str = "train", ops=None,
@@ -404,7 +383,7 @@ def make_sequence(seed: int, num_turns: int, res: int, split: str = "train", ops
   op for a turn where none of them is valid. The RNG stream is seeded by (seed, split) so train
   and held-out sequences never coincide.
   """
-  code = _split_code(split)
+  _check("split", split, SPLITS)
   _check_res(res)
   if not isinstance(num_turns, (int, np.integer)) or not 1 <= num_turns <= MAX_TURNS:
     raise ValueError(f"num_turns must be an int in [1, {MAX_TURNS}], got {num_turns!r}")
@@ -413,7 +392,7 @@ def make_sequence(seed: int, num_turns: int, res: int, split: str = "train", ops
     _check("ops", op, OPS)
   if int(seed) < 0:
     raise ValueError(f"seed must be >= 0, got {seed}")
-  rng = np.random.default_rng([int(seed), code, 0x5E4A])
+  rng = np.random.default_rng([int(seed), SPLITS.index(split), 0x5E4A])
   scenes = [_sample_scene(rng, background, split)]
   images = [to_uint8(render(scenes[0], res))]  # each [res, res, 3]
   instructions, op_ids = [], []
