@@ -372,6 +372,17 @@ def sample_edit(scene: Scene, rng, ops=None) -> Edit:
   raise RuntimeError("no valid edit")  # unreachable: recolour always has a free colour
 
 
+def check_sequence_args(num_turns, res, split="train", ops=None, background="procedural"):
+  """ValueError naming the bad field; lets pipelines fail at construction, not in a thread."""
+  _check("split", split, SPLITS)
+  _check_res(res)
+  if not isinstance(num_turns, (int, np.integer)) or not 1 <= num_turns <= MAX_TURNS:
+    raise ValueError(f"num_turns must be an int in [1, {MAX_TURNS}], got {num_turns!r}")
+  _check("background", background, BACKGROUNDS)
+  for op in ops or ():
+    _check("ops", op, OPS)
+
+
 def make_sequence(seed: int, num_turns: int, res: int, split: str = "train", ops=None,
                   background: str = "procedural") -> dict:
   """A deterministic (seed, split) -> multi-turn editing sequence with exact masks.
@@ -383,13 +394,7 @@ def make_sequence(seed: int, num_turns: int, res: int, split: str = "train", ops
   op for a turn where none of them is valid. The RNG stream is seeded by (seed, split) so train
   and held-out sequences never coincide.
   """
-  _check("split", split, SPLITS)
-  _check_res(res)
-  if not isinstance(num_turns, (int, np.integer)) or not 1 <= num_turns <= MAX_TURNS:
-    raise ValueError(f"num_turns must be an int in [1, {MAX_TURNS}], got {num_turns!r}")
-  _check("background", background, BACKGROUNDS)
-  for op in ops or ():
-    _check("ops", op, OPS)
+  check_sequence_args(num_turns, res, split, ops, background)
   if int(seed) < 0:
     raise ValueError(f"seed must be >= 0, got {seed}")
   rng = np.random.default_rng([int(seed), SPLITS.index(split), 0x5E4A])
