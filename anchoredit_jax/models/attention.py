@@ -1,0 +1,77 @@
+"""Attention: one kernel switch, self-attention with optional memory keys, cross-attention.
+
+Letters: b batch, s query tokens, m memory tokens, h heads, k head_dim, d model dim, l text length.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from anchoredit_jax import sharding as sh
+from anchoredit_jax.models import rope
+from anchoredit_jax.models.layers import Dense, RMSNorm
+
+KERNELS = ("xla", "cudnn")
+
+
+def attend(q, k, v, mask, kernel: str = "xla"):
+  """q [b,s,h,k], k/v [b,m,h,k], mask [b,s,m] bool (True = may attend) -> [b,s,h,k]."""
+  if kernel not in KERNELS:
+    raise ValueError(f"attention kernel {kernel!r} unknown; choose one of {KERNELS}")
+  impl = None if kernel == "xla" else "cudnn"
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with RMSNorm on q and k across heads and 3D RoPE (Wan2.1)."""
+
+  def __init__(self, dim, heads, *, rngs, kernel="xla"):
+    self.heads, self.head_dim, self.kernel = heads, dim // heads, kernel
+    self.q = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
+    self.k = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
+    self.v = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
+    self.o = Dense(dim, dim, (sh.HEADS, sh.EMBED), rngs=rngs)
+    self.norm_q = RMSNorm(dim, rngs=rngs, names=(sh.HEADS,))
+    self.norm_k = RMSNorm(dim, rngs=rngs, names=(sh.HEADS,))
+
+  def __call__(self, x, ang, mask, context=None):
+    """x [b,s,d]; ang [b,s,k/2]; mask [b,s,s].
+
+    context: optional extra keys (k [b,m,h,k] stored before RoPE, v [b,m,h,k], ang [b,m,k/2],
+    valid [b,m]) that every query may see -- the AnchorMemory.
+    Returns (out [b,s,d], (k, v) of x before RoPE, for writing into memory).
+    """
+    b, s, _ = x.shape
+    split = lambda y: sh.constrain(y.reshape(b, s, self.heads, self.head_dim),
+                                   (sh.BATCH, sh.LENGTH, sh.HEADS, sh.KV))
+    q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(x))), split(self.v(x))
+    kv = (k, v)
+    q, k = rope.apply(q, ang), rope.apply(k, ang)
+    if context is not None:
+      k_m, v_m, ang_m, valid_m = context
+      k = jnp.concatenate([rope.apply(k_m.astype(k.dtype), ang_m), k], axis=1)
+      v = jnp.concatenate([v_m.astype(v.dtype), v], axis=1)
+      mask = jnp.concatenate([jnp.broadcast_to(valid_m[:, None, :], (b, s, valid_m.shape[1])), mask], -1)
+    out = attend(q, k, v, mask, self.kernel)
+    return self.o(out.reshape(b, s, -1)), kv
+
+
+class CrossAttention(nnx.Module):
+  """Each query attends to its own instruction tokens (text already projected to `dim`)."""
+
+  def __init__(self, dim, heads, *, rngs, kernel="xla"):
+    self.heads, self.head_dim, self.kernel = heads, dim // heads, kernel
+    self.q = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
+    self.k = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
+    self.v = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
+    self.o = Dense(dim, dim, (sh.HEADS, sh.EMBED), rngs=rngs)
+    self.norm_q = RMSNorm(dim, rngs=rngs, names=(sh.HEADS,))
+    self.norm_k = RMSNorm(dim, rngs=rngs, names=(sh.HEADS,))
+
+  def __call__(self, x, text, text_mask):
+    """x [b,s,d], text [b,l,d], text_mask [b,l] -> [b,s,d]."""
+    (b, s, _), l = x.shape, text.shape[1]
+    q = self.norm_q(self.q(x)).reshape(b, s, self.heads, self.head_dim)
+    k = self.norm_k(self.k(text)).reshape(b, l, self.heads, self.head_dim)
+    v = self.v(text).reshape(b, l, self.heads, self.head_dim)
+    mask = jnp.broadcast_to(text_mask[:, None, :], (b, s, l))
+    return self.o(attend(q, k, v, mask, self.kernel).reshape(b, s, -1))

@@ -1,0 +1,30 @@
+"""Image <-> latent maps. Every autoencoder has `encode`, `decode`, `latent_shape(res)`.
+
+`PixelAutoencoder` is the first implementation: pixels scaled to [-1, 1] and folded
+space-to-depth by `factor` (no parameters). The Wan2.1 VAE plugs in behind the same interface.
+"""
+import jax.numpy as jnp
+from einops import rearrange
+
+
+class PixelAutoencoder:
+  """uint8/float images [..., H, W, 3] <-> latents [..., H/f, W/f, 3 f^2] in [-1, 1]."""
+
+  def __init__(self, factor: int = 1):
+    self.factor = factor
+    self.channels = 3 * factor * factor
+
+  def latent_shape(self, res: int) -> tuple[int, int, int]:
+    if res % self.factor:
+      raise ValueError(f"resolution {res} is not a multiple of the autoencoder factor {self.factor}")
+    return (res // self.factor, res // self.factor, self.channels)
+
+  def encode(self, images):
+    x = images.astype(jnp.float32)
+    x = x / 127.5 - 1.0 if images.dtype == jnp.uint8 else x * 2.0 - 1.0
+    return rearrange(x, "... (h p) (w q) c -> ... h w (p q c)", p=self.factor, q=self.factor)
+
+  def decode(self, latents):
+    """latents -> float images in [0, 1]."""
+    x = rearrange(latents, "... h w (p q c) -> ... (h p) (w q) c", p=self.factor, q=self.factor)
+    return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)

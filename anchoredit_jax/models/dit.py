@@ -1,0 +1,134 @@
+"""CausalDiT: a Wan2.1-shaped diffusion transformer over a sequence of editing turns.
+
+Block structure follows Wan2.1 so its weights can be loaded without changing the model:
+patch embedding; sinusoidal time embedding -> MLP -> shared 6-way adaLN projection plus a learned
+per-block table; self-attention (RMSNorm q/k, 3D RoPE over (turn, row, col)); cross-attention of
+each turn to its own instruction; GELU(tanh) FFN; modulated output head.
+
+Two ways to condition a turn on the image before it, both kept:
+  * attention: earlier clean turns are keys/values (in the same call, block-causally, or from the
+    AnchorMemory passed as `context`);
+  * channel concat (`concat_prev`): the previous clean turn's latent and a flag channel are
+    concatenated to the noisy input, as Wan2.1-I2V does with its first frame.
+
+Letters: b batch, T turns in this call, n tokens per turn, d dim, L layers, h heads, k head_dim.
+"""
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from anchoredit_jax import sharding as sh
+from anchoredit_jax.models import rope
+from anchoredit_jax.models.attention import CrossAttention, SelfAttention
+from anchoredit_jax.models.layers import MLP, Dense, LayerNorm, param, sinusoidal
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    d = cfg.dim
+    self.norm1 = LayerNorm(d, rngs=rngs, affine=False)
+    self.self_attn = SelfAttention(d, cfg.heads, rngs=rngs, kernel=cfg.attention_kernel)
+    self.norm3 = LayerNorm(d, rngs=rngs, affine=True)
+    self.cross_attn = CrossAttention(d, cfg.heads, rngs=rngs, kernel=cfg.attention_kernel)
+    self.norm2 = LayerNorm(d, rngs=rngs, affine=False)
+    self.ffn = MLP(d, cfg.ffn_dim, rngs=rngs)
+    # Wan2.1's `modulation` / diffusers' `scale_shift_table`: [1, 6, d], added to the shared e0.
+    self.modulation = param(rngs, nnx.initializers.normal(d ** -0.5), (1, 6, d), (None, None, sh.EMBED))
+
+  def __call__(self, x, e0, text, text_mask, ang, mask, context=None):
+    """x [b,T,n,d]; e0 [b,T,6,d]; text [b,T,l,d]; text_mask [b,T,l]; ang [b,T*n,k/2]."""
+    b, T, n, d = x.shape
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
+        (self.modulation[None] + e0)[:, :, :, None, :], 6, axis=2)  # each [b,T,1,1,d]
+    shift1, scale1, gate1, shift2, scale2, gate2 = (
+        m[:, :, 0] for m in (shift1, scale1, gate1, shift2, scale2, gate2))  # [b,T,1,d]
+    y = self.norm1(x) * (1 + scale1) + shift1
+    y, kv = self.self_attn(y.reshape(b, T * n, d), ang, mask, context)
+    x = x + y.reshape(b, T, n, d) * gate1
+    y = self.cross_attn(self.norm3(x).reshape(b * T, n, d), text.reshape(b * T, -1, d),
+                        text_mask.reshape(b * T, -1))
+    x = x + y.reshape(b, T, n, d)
+    x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
+    return sh.constrain(x, (sh.BATCH, None, sh.LENGTH, sh.EMBED)), kv
+
+
+class CausalDiT(nnx.Module):
+
+  def __init__(self, cfg, *, latent_channels: int, rngs):
+    self.cfg = cfg
+    d, p = cfg.dim, cfg.patch
+    self.latent_channels = latent_channels
+    in_ch = latent_channels * (2 if cfg.concat_prev else 1) + (1 if cfg.concat_prev else 0)
+    self.patch_embed = Dense(p * p * in_ch, d, (None, sh.EMBED), rngs=rngs)
+    self.text_embed = MLP(cfg.text_dim, d, d_out=d, rngs=rngs)
+    self.time_in = Dense(cfg.freq_dim, d, (None, sh.EMBED), rngs=rngs)
+    self.time_out = Dense(d, d, (sh.EMBED, None), rngs=rngs)
+    self.time_proj = Dense(d, 6 * d, (sh.EMBED, sh.MLP_), rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: sh.LAYERS})
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.head_norm = LayerNorm(d, rngs=rngs, affine=False)
+    self.head_modulation = param(rngs, nnx.initializers.normal(d ** -0.5), (1, 2, d), (None, None, sh.EMBED))
+    self.head = Dense(d, p * p * latent_channels, (sh.EMBED, None), rngs=rngs, zero_init=True)
+
+  def __call__(self, x, t, text, text_mask, turn_pos, *, cond=None, context=None, causal=True):
+    """Denoise T turns at once.
+
+    x [b,T,H,W,C] noisy latents; t [b,T] in [0,1] (0 = clean); text [b,T,l,text_dim] with
+    text_mask [b,T,l]; turn_pos [b,T] RoPE turn index of each turn; cond [b,T,H,W,C+1] previous
+    clean turn + flag (needed iff cfg.concat_prev); context: memory keys
+    (k [L,b,m,h,k], v [L,b,m,h,k], positions [b,m,3], valid [b,m]) or None.
+    Returns (velocity [b,T,H,W,C], (k, v) [L,b,T*n,h,k] of these turns, before RoPE).
+    """
+    cfg, p = self.cfg, self.cfg.patch
+    b, T, H, W, C = x.shape
+    if cfg.concat_prev:
+      if cond is None:
+        raise ValueError("this model concatenates the previous turn (concat_prev); pass cond")
+      x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
+    gh, gw = H // p, W // p
+    tokens = rearrange(x, "b T (h p) (w q) c -> b T (h w) (p q c)", p=p, q=p)
+    h = sh.constrain(self.patch_embed(tokens), (sh.BATCH, None, sh.LENGTH, sh.EMBED))  # [b,T,n,d]
+    n = gh * gw
+
+    e = self.time_out(jax.nn.silu(self.time_in(sinusoidal(t * 1000.0, cfg.freq_dim))))  # [b,T,d]
+    e0 = self.time_proj(jax.nn.silu(e)).reshape(b, T, 6, cfg.dim)
+    ctx = self.text_embed(text)  # [b,T,l,d]
+
+    ang = rope.angles(rope.token_positions(turn_pos, gh, gw), cfg.dim // cfg.heads, cfg.rope_theta)
+    tok_turn = jnp.repeat(jnp.arange(T), n)
+    mask = (tok_turn[None, :] <= tok_turn[:, None]) if causal else jnp.ones((T * n, T * n), bool)
+    mask = jnp.broadcast_to(mask, (b, T * n, T * n))
+
+    graphdef, block_state = nnx.split(self.blocks)
+    if context is not None:
+      k_m, v_m, pos_m, valid_m = context
+      ang_m = rope.angles(pos_m, cfg.dim // cfg.heads, cfg.rope_theta)
+
+    def body(h, xs):
+      layer_state, kv_m = xs
+      block = nnx.merge(graphdef, layer_state)
+      layer_ctx = None if kv_m is None else (kv_m[0], kv_m[1], ang_m, valid_m)
+      return block(h, e0, ctx, text_mask, ang, mask, layer_ctx)
+
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
+    xs = (block_state, None if context is None else (k_m, v_m))
+    h, kv = jax.lax.scan(body, h, xs)
+
+    shift, scale = jnp.split((self.head_modulation[None] + e[:, :, None, :])[:, :, :, None], 2, axis=2)
+    out = self.head(self.head_norm(h) * (1 + scale[:, :, 0]) + shift[:, :, 0])
+    out = rearrange(out, "b T (h w) (p q c) -> b T (h p) (w q) c", h=gh, p=p, q=p)
+    return out, kv

@@ -1,0 +1,90 @@
+"""Mesh, logical axis names and the rules that map them onto mesh axes.
+
+Models only ever name *logical* axes (the constants below). A config's `sharding.rules` maps each
+logical axis to a mesh axis (or None = replicated). Parameters carry their logical names as
+metadata from creation (`models.layers.param`); activations are constrained with `constrain`,
+which is a no-op when no mesh is active, so the same model code runs on one CPU and on a pod.
+"""
+import contextlib
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis names used by the models.
+BATCH, LENGTH, EMBED, MLP_, HEADS, KV, LAYERS, VOCAB = (
+    "batch", "length", "embed", "mlp", "heads", "kv", "layers", "vocab")
+
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp")),
+    (EMBED, "fsdp"),
+    (MLP_, "tensor"),
+    (HEADS, "tensor"),
+    (KV, None),
+    (LAYERS, None),
+    (LENGTH, None),
+    (VOCAB, None),
+)
+
+_ACTIVE = {"mesh": None, "rules": DEFAULT_RULES}
+
+
+def make_mesh(shape: dict, devices=None) -> Mesh:
+  """Mesh over `devices` (default all) with axes (data, fsdp, tensor); -1 takes what is left."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {shape}")
+  known = math.prod(s for s in sizes if s != -1)
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
+                     f"there are {len(devices)}; set --config.mesh.* so the product matches")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names, rules=None) -> P:
+  """('embed', 'mlp') -> P('fsdp', 'tensor') under `rules`; a mesh axis is used at most once."""
+  table = dict(rules or _ACTIVE["rules"])
+  used, out = set(), []
+  for name in names or ():
+    axis = table.get(name) if name is not None else None
+    axes = tuple(a for a in ((axis,) if isinstance(axis, str) else (axis or ())) if a not in used)
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*out)
+
+
+def named(mesh, names, rules=None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, rules))
+
+
+def param_shardings(abstract_state, mesh, rules):
+  """NamedSharding for every leaf of an nnx.State whose Params carry `sharding_names`."""
+  specs = nnx.get_partition_spec(abstract_state)
+  return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(tuple(s), rules)), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh, rules):
+  """Activate a mesh and rules for `constrain` (and jax's own mesh context) inside the block."""
+  old = dict(_ACTIVE)
+  _ACTIVE.update(mesh=mesh, rules=tuple(tuple(r) for r in rules))
+  try:
+    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+      yield
+  finally:
+    _ACTIVE.update(old)
+
+
+def constrain(x, names):
+  """Constrain activation `x` to the logical axes `names` (one per dim) under the active mesh."""
+  mesh = _ACTIVE["mesh"]
+  if mesh is None or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names)))

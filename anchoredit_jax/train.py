@@ -1,0 +1,262 @@
+"""Training entry point: config -> mesh -> state -> data -> loop -> checkpoints -> metrics.
+
+  python -m anchoredit_jax.train --config=configs/pretrain.py --workdir=runs/toy/pretrain
+
+Rerunning the same command resumes from the newest checkpoint in the workdir (parameters,
+optimizer state, step, data-iterator position and training time so far). Writes to the workdir:
+checkpoints/, metrics.jsonl (one JSON object per log/eval event), TensorBoard event files in tb/,
+config.json, and summary.json at the end.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from anchoredit_jax import sharding as sh
+from anchoredit_jax.data import pipeline
+from anchoredit_jax.models.model import abstract_split, build
+from anchoredit_jax.stages import pretrain
+
+STAGES = {"pretrain": pretrain}
+
+
+def make_optimizer(ocfg, total_steps):
+  sched = optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, ocfg.warmup_steps,
+                                             max(total_steps, ocfg.warmup_steps + 1), ocfg.end_lr)
+  return optax.chain(optax.clip_by_global_norm(ocfg.clip),
+                     optax.adamw(sched, ocfg.b1, ocfg.b2, weight_decay=ocfg.weight_decay))
+
+
+def _path_key(path):
+  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def state_shardings(abs_state, param_sh, mesh):
+  """Shardings for {params, opt_state, step}: optimizer leaves that mirror a parameter (Adam's mu
+  and nu) take that parameter's sharding, everything else is replicated."""
+  by_path = {_path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    key = _path_key(path)
+    for i in range(len(key)):
+      if key[i:] in by_path and by_path[key[i:]].shard_shape(leaf.shape) is not None:
+        return by_path[key[i:]]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abs_state)
+
+
+class Trainer:
+  """Holds the compiled step, shardings and graphdef for one config (also used by tests)."""
+
+  def __init__(self, cfg, mesh=None):
+    self.cfg, self.stage = cfg, STAGES[cfg.stage]
+    self.mesh = mesh or sh.make_mesh(dict(cfg.mesh))
+    self.rules = tuple(tuple(r) for r in cfg.sharding.rules)
+    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+    self.graphdef, abs_params = abstract_split(cfg.model)
+    param_sh = sh.param_shardings(abs_params, self.mesh, self.rules)
+
+    def init(rng):
+      params = nnx.split(build(cfg.model, nnx.Rngs(rng)))[1]
+      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    self._init = init
+    abs_state = jax.eval_shape(init, jax.random.key(0))
+    self.abstract_state = abs_state
+    self.state_sh = state_shardings(abs_state, {"params": param_sh}, self.mesh)
+    self.batch_sh = sh.named(self.mesh, (sh.BATCH,), self.rules)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.step_fn = jax.jit(self._step, in_shardings=(self.state_sh, self.batch_sh, self.replicated),
+                           out_shardings=(self.state_sh, self.replicated), donate_argnums=0)
+
+  def init_state(self, rng):
+    with sh.use_mesh(self.mesh, self.rules):
+      return jax.jit(self._init, out_shardings=self.state_sh)(rng)
+
+  def _step(self, state, batch, key):
+    rng = jax.random.fold_in(key, state["step"])
+    grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    return new, metrics
+
+  def put_batch(self, batch):
+    return {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(v))
+            for k, v in batch.items()}
+
+  def step(self, state, batch, key):
+    with sh.use_mesh(self.mesh, self.rules):
+      return self.step_fn(state, self.put_batch(batch), key)
+
+
+def make_data(cfg, split="train", seed=None):
+  d = cfg.data
+  return pipeline.make_dataset(
+      split=split, res=d.res, num_turns=d.num_turns, batch_size=cfg.train.batch_size // jax.process_count(),
+      text_len=cfg.model.text_len, seed=cfg.seed if seed is None else seed, ops=tuple(d.ops) or None,
+      background=d.background, worker_threads=d.threads, prefetch_batches=d.prefetch)
+
+
+def eval_pairs(cfg):
+  """Fixed held-out set: sequences 0..N-1 of the held-out split (never used for training)."""
+  d = cfg.data
+  rows = [pipeline.example_from_seed(i, split="heldout", res=d.res, num_turns=d.num_turns,
+                                     text_len=cfg.model.text_len, background=d.background)
+          for i in range(cfg.eval.pairs)]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+class MetricLog:
+  """metrics.jsonl + TensorBoard; only process 0 writes."""
+
+  def __init__(self, workdir):
+    self.on = jax.process_index() == 0
+    if self.on:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self.f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step, kind, values):
+    if not self.on:
+      return
+    row = {"step": int(step), "kind": kind, "time": time.time(), **{k: float(v) for k, v in values.items()}}
+    self.f.write(json.dumps(row) + "\n")
+    self.f.flush()
+    for k, v in values.items():
+      self.tb.add_scalar(f"{kind}/{k}", float(v), int(step))
+    self.tb.flush()
+
+  def close(self):
+    if self.on:
+      self.f.close()
+      self.tb.close()
+
+
+def _check_config(workdir, cfg):
+  """Refuse to resume a workdir made by a different model config."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old.get("model") != json.loads(cfg.model.to_json()) or old.get("stage") != cfg.stage:
+      raise ValueError(f"{workdir} holds a run with a different model config or stage; "
+                       "use a new --workdir or the same config")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(cfg.to_json(indent=2))
+
+
+def train(cfg, workdir):
+  workdir = os.path.abspath(workdir)
+  _check_config(workdir, cfg)
+  trainer = Trainer(cfg)
+  key = jax.random.key(cfg.seed)
+  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints))
+  data_it = iter(make_data(cfg))
+  start = mngr.latest_step()
+  train_seconds = 0.0
+  if start is None:
+    state = trainer.init_state(jax.random.fold_in(key, 0))
+    start = 0
+  else:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          trainer.abstract_state, trainer.state_sh)
+    restored = mngr.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+    state = restored["state"]
+    pipeline.restore_iterator_state(data_it, restored["extra"]["data"])
+    train_seconds = restored["extra"]["train_seconds"]
+    print(f"resuming {workdir} at step {start} ({train_seconds / 60:.1f} training minutes so far)")
+
+  def save(step):
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        extra=ocp.args.JsonSave({"data": pipeline.save_iterator_state(data_it),
+                                 "train_seconds": train_seconds})), force=True)
+
+  log = MetricLog(workdir)
+  pairs = eval_pairs(cfg) if cfg.eval.pairs else None
+  eval_key = jax.random.key(cfg.eval.seed)
+
+  def run_eval(step):
+    res = trainer.stage.evaluate(state["params"], trainer.graphdef, cfg, pairs, eval_key)
+    log.write(step, "eval", {**res, "train_minutes": train_seconds / 60})
+    return res
+
+  budget = cfg.train.minutes * 60
+  bar = tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.stage}", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  step, result, t_log, n_log = start, {}, time.perf_counter(), 0
+  metrics = None
+  while step < cfg.train.steps and not (budget and train_seconds >= budget):
+    t0 = time.perf_counter()
+    state, metrics = trainer.step(state, next(data_it), key)
+    step += 1
+    n_log += 1
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+      m = jax.device_get(metrics)
+      rate = n_log / (time.perf_counter() - t_log)
+      bar.set_postfix(loss=f"{float(m['loss']):.4f}", steps_s=f"{rate:.2f}")
+      log.write(step, "train", {**m, "steps_per_s": rate, "train_minutes": train_seconds / 60})
+      t_log, n_log = time.perf_counter(), 0
+    else:
+      jax.block_until_ready(metrics)
+    train_seconds += time.perf_counter() - t0
+    bar.update(1)
+    if step % cfg.train.ckpt_every == 0:
+      save(step)
+    if pairs is not None and step % cfg.train.eval_every == 0:
+      result = run_eval(step)
+      bar.write(f"step {step} ({train_seconds / 60:.1f} min): " +
+                ", ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.startswith("copy_")))
+  bar.close()
+  if mngr.latest_step() != step:
+    save(step)
+  mngr.wait_until_finished()
+  mngr.close()
+  if pairs is not None and (not result or step % cfg.train.eval_every):
+    result = run_eval(step)
+  log.close()
+  summary = {"step": step, "train_minutes": train_seconds / 60, **result}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Stage config file[:preset].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cfg = _CONFIG.value
+  try:
+    summary = train(cfg, _WORKDIR.value or cfg.workdir)
+  except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)

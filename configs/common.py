@@ -1,0 +1,53 @@
+"""Shared config pieces: model presets, mesh, sharding rules, argument parsing.
+
+Presets are chosen with `--config=configs/<stage>.py:<preset>[,key=value...]`, single fields with
+`--config.field=value` (ml_collections), e.g.
+  python -m anchoredit_jax.train --config=configs/pretrain.py:smoke --config.train.steps=20
+"""
+import ml_collections
+
+from anchoredit_jax import sharding
+
+PRESETS = ("smoke", "toy", "wan1.3b")
+
+
+def parse_arg(arg, **defaults):
+  """'toy,steps=3' -> ConfigDict(preset='toy', steps=3) over `defaults` (big_vision style)."""
+  out = ml_collections.ConfigDict(defaults)
+  parts = [p for p in (arg or "").split(",") if p]
+  if parts and "=" not in parts[0]:
+    out.preset = parts.pop(0)
+  for p in parts:
+    k, v = p.split("=", 1)
+    out[k] = type(out[k])(v) if k in out else v
+  if out.get("preset") not in PRESETS:
+    raise ValueError(f"unknown preset {out.get('preset')!r}; choose one of {PRESETS}")
+  return out
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict(dict(
+      dim=64, layers=2, heads=4, ffn_dim=256, freq_dim=64, patch=4, rope_theta=10000.0,
+      text_encoder="bytes", text_dim=64, text_layers=1, text_heads=4, text_len=64,
+      autoencoder="pixel", ae_factor=1, latent_channels=3,
+      concat_prev=True, source_context=False,
+      attention_kernel="xla", remat="none"))
+  if preset == "toy":
+    m.update(dim=192, layers=4, heads=6, ffn_dim=768, freq_dim=128, text_dim=128, text_layers=2,
+             text_heads=4)
+  elif preset == "wan1.3b":
+    # Wan2.1-T2V-1.3B: dim 1536, 30 layers, 12 heads x 128, FFN 8960, freq 256, umT5 4096 x 512,
+    # patch (1,2,2) over the VAE's 16 channels at stride 8.
+    m.update(dim=1536, layers=30, heads=12, ffn_dim=8960, freq_dim=256, patch=2,
+             text_encoder="umt5", text_dim=4096, text_len=512, autoencoder="wan_vae",
+             ae_factor=8, latent_channels=16, remat="full")
+  return m
+
+
+def mesh_config(preset: str) -> ml_collections.ConfigDict:
+  shape = dict(data=1, fsdp=-1, tensor=1) if preset == "wan1.3b" else dict(data=-1, fsdp=1, tensor=1)
+  return ml_collections.ConfigDict(shape)
+
+
+def sharding_rules():
+  return [list(r) for r in sharding.DEFAULT_RULES]

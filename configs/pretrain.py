@@ -1,0 +1,50 @@
+"""Stage 1: identity-preserving single-turn pretraining on ShapesEdit pairs.
+
+  python -m anchoredit_jax.train --config=configs/pretrain.py --workdir=runs/toy/pretrain
+  python -m anchoredit_jax.train --config=configs/pretrain.py:smoke --workdir=/tmp/smoke
+
+Presets: smoke (tests, seconds), toy (default: this 2-core CPU, 32x32, about an hour),
+wan1.3b (full size; declared for shape checks with jax.eval_shape).
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, preset="toy")
+  p = arg.preset
+  c = ml_collections.ConfigDict()
+  c.preset = p
+  c.stage = "pretrain"
+  c.workdir = f"runs/{p}/pretrain"
+  c.seed = 0
+  c.model = common.model_config(p)
+
+  c.data = ml_collections.ConfigDict(dict(
+      res={"wan1.3b": 480}.get(p, 32), num_turns=1, background="procedural", ops=(),
+      threads=1, prefetch=4))
+  c.flow = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift=1.0, p_uncond=0.1))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=200, end_lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.99, clip=1.0))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32, steps=9000, minutes=60.0, log_every=50, ckpt_every=500, eval_every=750,
+      keep_checkpoints=2))
+  c.eval = ml_collections.ConfigDict(dict(
+      pairs=256, batch_size=64, steps=20, guidance=2.0, shift=1.0, seed=0))
+  c.mesh = common.mesh_config(p)
+  c.sharding = ml_collections.ConfigDict(dict(rules=common.sharding_rules()))
+
+  if p == "smoke":
+    c.train.update(batch_size=8, steps=20, minutes=0.0, log_every=5, ckpt_every=10, eval_every=10)
+    c.optim.update(warmup_steps=5)
+    c.eval.update(pairs=8, batch_size=8, steps=4)
+  elif p == "wan1.3b":
+    c.train.update(batch_size=64, minutes=0.0)
+    c.optim.update(lr=1e-4, warmup_steps=1000, end_lr=1e-5)
+    c.flow.update(shift=5.0)
+    c.eval.update(shift=5.0, steps=50, guidance=5.0)
+  for k, v in arg.items():
+    if k != "preset":
+      c[k] = v
+  return c
