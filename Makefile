@@ -1,0 +1,37 @@
+# Dev/CI entry points. Everything runs from the project-local .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/pretrain.py
+
+.PHONY: install test train quickstart clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install only when the packaging files change.
+$(STAMP): setup.py constraints.txt | $(PY)
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+# Tests that need several host devices set XLA_FLAGS themselves.
+# pytest exits 5 when it collects nothing; that must fail, loudly.
+test: $(STAMP)
+	@rc=0; $(PY) -m pytest -q tests || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: FAIL: pytest collected no tests (exit 5)" >&2; fi; \
+	exit $$rc
+
+# Stage-1 training, default toy preset.
+train: $(STAMP)
+	$(PY) -m anchoredit_jax.train --config=$(CONFIG)
+
+# For now identical to `train`; a later issue gives quickstart its own job.
+quickstart: $(STAMP)
+	$(PY) -m anchoredit_jax.train --config=$(CONFIG)
+
+clean:
+	rm -rf $(VENV) runs/

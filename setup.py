@@ -1,0 +1,61 @@
+"""Packaging for anchoredit_jax.
+
+Version ranges here are deliberately loose: they must admit the CPU dev
+stack (jax 0.10.x) and the GPU machine's stack (jax/jaxlib 0.11.x, numpy 2.5).
+Exact, reproducible pins for CI and `make` live in constraints.txt.
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_HERE = Path(__file__).parent
+_m = re.search(
+    r'^__version__ = "([^"]+)"',
+    (_HERE / "anchoredit_jax" / "__init__.py").read_text(),
+    re.M,
+)
+_VERSION = _m.group(1) if _m else "0.0.0"
+
+setup(
+    name="anchoredit_jax",
+    version=_VERSION,
+    description=(
+        "AnchorEdit in JAX/Flax: autoregressive diffusion for long multi-turn "
+        "image editing."
+    ),
+    python_requires=">=3.11",
+    # find_packages only returns folders with an __init__.py, so `configs` and
+    # `benchmark` are packaged exactly when they are real packages.
+    packages=find_packages(
+        include=["anchoredit_jax", "anchoredit_jax.*", "configs", "benchmark"]
+    ),
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "jaxlib>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "einops>=0.8",
+        "ml_collections>=1.0",
+        "tensorflow-datasets>=4.9.7",
+        "array_record>=0.7",
+        "etils[epath]",
+        "pillow>=10",
+        "scikit-image>=0.24",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "safetensors>=0.4",
+        "jaxtyping>=0.2.36",
+        "absl-py>=2.1",
+        "numpy>=2.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # For later PyTorch/diffusers parity tests. torch is pinned exactly:
+        # this CPU wheel is on local disk; any other version pulls GBs of CUDA.
+        "torch": ["torch==2.13.0", "diffusers", "transformers"],
+    },
+)
