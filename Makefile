@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/pretrain.py
+SHELL  := /bin/bash
 
 .PHONY: install test train quickstart clean
 
@@ -13,9 +14,12 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-install only when the packaging files change.
+# Re-install only when the packaging files change. The grep drops pip's
+# per-package noise about local mirror index folders that lack a project.
 $(STAMP): setup.py constraints.txt | $(PY)
-	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	set -o pipefail; \
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 
 # Tests that need several host devices set XLA_FLAGS themselves.
