@@ -64,7 +64,7 @@ def named(mesh, names, rules=None) -> NamedSharding:
 
 
 def param_shardings(abstract_state, mesh, rules):
-  """NamedSharding for every leaf of an nnx.State whose Params carry `sharding_names`."""
+  """NamedSharding for every leaf of an nnx.State whose Params carry `out_sharding`."""
   specs = nnx.get_partition_spec(abstract_state)
   return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(tuple(s), rules)), specs,
                       is_leaf=lambda x: isinstance(x, P))
@@ -76,7 +76,7 @@ def use_mesh(mesh, rules):
   old = dict(_ACTIVE)
   _ACTIVE.update(mesh=mesh, rules=tuple(tuple(r) for r in rules))
   try:
-    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+    with jax.set_mesh(mesh):
       yield
   finally:
     _ACTIVE.update(old)

@@ -76,7 +76,7 @@ class Trainer:
     self._init = init
     abs_state = jax.eval_shape(init, jax.random.key(0))
     self.abstract_state = abs_state
-    self.state_sh = state_shardings(abs_state, {"params": param_sh}, self.mesh)
+    self.state_sh = state_shardings(abs_state, param_sh, self.mesh)
     self.batch_sh = sh.named(self.mesh, (sh.BATCH,), self.rules)
     self.replicated = NamedSharding(self.mesh, P())
     self.step_fn = jax.jit(self._step, in_shardings=(self.state_sh, self.batch_sh, self.replicated),
@@ -91,7 +91,7 @@ class Trainer:
     grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
            "step": state["step"] + 1}
     return new, metrics

@@ -1,6 +1,6 @@
 """Small building blocks with logical sharding names on every parameter.
 
-Each parameter carries `sharding_names` (logical axes such as 'embed', 'mlp', 'heads'); the
+Each parameter carries `out_sharding` (logical axes such as 'embed', 'mlp', 'heads'); the
 mesh mapping lives in `anchoredit_jax.sharding`, so models never mention mesh axes.
 """
 import jax
@@ -10,7 +10,7 @@ from flax import nnx
 
 def param(rngs, init, shape, names, dtype=jnp.float32):
   """An nnx.Param annotated with logical axis names (placed later, never eagerly)."""
-  return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names, eager_sharding=False)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 class Dense(nnx.Module):

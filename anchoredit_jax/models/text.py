@@ -54,7 +54,7 @@ class ByteTextEncoder(nnx.Module):
       raise ValueError(f"tokens have length {l}, the text encoder was built for {self.max_len}")
     tokens = tokens.reshape(-1, l)
     mask = tokens != PAD
-    x = jnp.take(self.embed.value, tokens, axis=0) + sinusoidal(jnp.arange(l), self.dim)
+    x = jnp.take(self.embed[...], tokens, axis=0) + sinusoidal(jnp.arange(l), self.dim)
     for layer in self.layers:
       x = layer(x, mask)
     x = self.norm(x) * mask[..., None]

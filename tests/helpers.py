@@ -1,0 +1,49 @@
+"""Small shared pieces for tests."""
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from anchoredit_jax import sharding as sh
+from anchoredit_jax.models.model import build
+from configs import common, pretrain
+
+
+def tiny_model(**overrides) -> ml_collections.ConfigDict:
+  m = common.model_config("smoke")
+  m.update(dim=32, layers=2, heads=2, ffn_dim=64, freq_dim=32, text_dim=32, text_heads=2,
+           text_len=32)
+  m.update(overrides)
+  return m
+
+
+def smoke_config(**train):
+  cfg = pretrain.get_config("smoke")
+  cfg.train.update(train)
+  return cfg
+
+
+def one_device_mesh():
+  return sh.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
+def random_model(cfg, seed=0):
+  """A model with every parameter perturbed (the output head starts at zero, which would make
+  any equality test pass trivially) and a jitted functional apply(params, ...)."""
+  graphdef, params = nnx.split(build(cfg, nnx.Rngs(seed)))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+  @functools.partial(jax.jit, static_argnames=("causal",))
+  def apply(params, x, t, toks, pos, cond=None, context=None, causal=True):
+    return nnx.merge(graphdef, params)(x, t, toks, pos, cond=cond, context=context, causal=causal)
+
+  return params, apply
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
