@@ -24,7 +24,8 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       res={"wan1.3b": 480}.get(p, 32), num_turns=1, background="procedural", ops=(),
       threads=1, prefetch=4))
-  c.flow = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift=1.0, p_uncond=0.1))
+  c.flow = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift=1.0, p_uncond=0.1,
+                                         edit_weight=4.0))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=200, end_lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.99, clip=1.0))
   c.train = ml_collections.ConfigDict(dict(

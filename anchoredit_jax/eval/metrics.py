@@ -1,10 +1,13 @@
 """Editing metrics against exact ShapesEdit ground truth. Images are float in [0, 1], [b,H,W,3].
 
 Definitions (documented in the README):
-  * edit region: the turn's edit mask dilated by one pixel (covers anti-aliased edges);
+  * edit region: the turn's edit mask, every pixel whose ground truth changed (by >= 1/255);
   * edit success: mean absolute error over the edit region, averaged over channels, < SUCCESS_MAE;
   * preserved PSNR: PSNR over the pixels outside the edit region;
   * edit PSNR: PSNR over the edit region.
+The edit region is deliberately not dilated: on 32x32 held-out pairs a one-pixel dilation let
+"return the source unchanged" pass 22% of edits (60% of resizes, whose changed ring is thin),
+against 0.2% on the exact mask.
 """
 import jax
 import jax.numpy as jnp
@@ -38,7 +41,7 @@ def psnr_from_mse(mse, cap: float = 60.0):
 @jax.jit
 def edit_metrics(pred, target, edit_mask):
   """pred/target [b,H,W,3] in [0,1]; edit_mask [b,H,W] -> dict of per-example [b] metrics."""
-  region = dilate(edit_mask)
+  region = edit_mask
   mae = masked_mae(pred, target, region)
   return dict(
       success=(mae < SUCCESS_MAE).astype(jnp.float32),

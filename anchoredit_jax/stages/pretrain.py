@@ -3,7 +3,9 @@
 Given (source, instruction, target), the target is learned with rectified flow while the source
 is held clean: it enters as a clean context turn (t = 0) the target attends to
 (`source_context`), channel-concatenated to the noisy target (`concat_prev`), or both. The loss
-is on the target turn only. Instructions are dropped with probability `p_uncond`, so the same
+is on the target turn only, with the pixels the edit changes weighted up by `edit_weight`
+(most of an image is copied, and an unweighted loss learns to copy long before it learns to
+edit; the mask is ground truth available at training time only). Instructions are dropped with probability `p_uncond`, so the same
 model also predicts the unconditional velocity that classifier-free guidance needs.
 """
 import functools
@@ -50,8 +52,17 @@ def loss_fn(params, graphdef, batch, rng, cfg):
   drop = jax.random.bernoulli(r_drop, cfg.flow.p_uncond, (b,))
   tokens = jnp.where(drop[:, None], empty_tokens(cfg.model.text_len), batch["tokens"][:, 0])
   v = velocity(model, src, flow.add_noise(x0, noise, t), t, tokens)
-  loss = jnp.mean(jnp.square(v - flow.velocity_target(x0, noise)))
-  return loss, {"loss": loss}
+  err = jnp.square(v - flow.velocity_target(x0, noise))  # [b,H,W,C]
+  weight = 1.0 + cfg.flow.edit_weight * edit_region(batch["edit_masks"][:, 0], x0.shape[1])
+  loss = jnp.mean(err * weight[..., None]) / jnp.mean(weight)
+  return loss, {"loss": loss, "mse": jnp.mean(err)}
+
+
+def edit_region(mask, latent_res):
+  """Pixel edit mask [b,R,R] -> float [b,h,h] on the latent grid (1 where any pixel changed)."""
+  b, r = mask.shape[:2]
+  f = r // latent_res
+  return mask.reshape(b, latent_res, f, latent_res, f).any(axis=(2, 4)).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "guidance", "shift"))
