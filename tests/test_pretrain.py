@@ -73,10 +73,12 @@ def test_wan_sized_dit_shapes_without_memory():
   assert 1.3e9 < n < 1.5e9, n  # Wan2.1-T2V-1.3B
   fc1 = nnx.state(model, nnx.Param)["blocks"]["ffn"]["fc1"]["kernel"]
   assert fc1.shape == (30, 1536, 8960)
+  graphdef, abstract = nnx.split(model)
   x = jax.ShapeDtypeStruct((1, 2, 60, 104, 16), jnp.float32)  # 480x832 at VAE stride 8
-  out = jax.eval_shape(lambda x: model(x, jnp.zeros((1, 2)), jnp.zeros((1, 2, 512, 4096)),
-                                       jnp.ones((1, 2, 512), bool), jnp.zeros((1, 2), jnp.int32),
-                                       cond=jnp.zeros((1, 2, 60, 104, 17))), x)
+  out = jax.eval_shape(
+      lambda p, x: nnx.merge(graphdef, p)(x, jnp.zeros((1, 2)), jnp.zeros((1, 2, 512, 4096)),
+                                          jnp.ones((1, 2, 512), bool), jnp.zeros((1, 2), jnp.int32),
+                                          cond=jnp.zeros((1, 2, 60, 104, 17))), abstract, x)
   v, (k, _) = out
   assert v.shape == (1, 2, 60, 104, 16)
   assert k.shape == (30, 1, 2 * 1560, 12, 128)  # 1560 tokens per turn, as in the brief
