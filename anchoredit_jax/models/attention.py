@@ -21,8 +21,8 @@ def attend(q, k, v, mask, kernel: str = "xla"):
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
 
 
-class SelfAttention(nnx.Module):
-  """Multi-head self-attention with RMSNorm on q and k across heads and 3D RoPE (Wan2.1)."""
+class _Attention(nnx.Module):
+  """q/k/v/o projections with RMSNorm on q and k across all heads, as in Wan2.1."""
 
   def __init__(self, dim, heads, *, rngs, kernel="xla"):
     self.heads, self.head_dim, self.kernel = heads, dim // heads, kernel
@@ -32,6 +32,10 @@ class SelfAttention(nnx.Module):
     self.o = Dense(dim, dim, (sh.HEADS, sh.EMBED), rngs=rngs)
     self.norm_q = RMSNorm(dim, rngs=rngs, names=(sh.HEADS,))
     self.norm_k = RMSNorm(dim, rngs=rngs, names=(sh.HEADS,))
+
+
+class SelfAttention(_Attention):
+  """Multi-head self-attention with 3D RoPE; earlier turns may come in as memory keys."""
 
   def __call__(self, x, ang, mask, context=None):
     """x [b,s,d]; ang [b,s,k/2]; mask [b,s,s].
@@ -55,17 +59,8 @@ class SelfAttention(nnx.Module):
     return self.o(out.reshape(b, s, -1)), kv
 
 
-class CrossAttention(nnx.Module):
+class CrossAttention(_Attention):
   """Each query attends to its own instruction tokens (text already projected to `dim`)."""
-
-  def __init__(self, dim, heads, *, rngs, kernel="xla"):
-    self.heads, self.head_dim, self.kernel = heads, dim // heads, kernel
-    self.q = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
-    self.k = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
-    self.v = Dense(dim, dim, (sh.EMBED, sh.HEADS), rngs=rngs)
-    self.o = Dense(dim, dim, (sh.HEADS, sh.EMBED), rngs=rngs)
-    self.norm_q = RMSNorm(dim, rngs=rngs, names=(sh.HEADS,))
-    self.norm_k = RMSNorm(dim, rngs=rngs, names=(sh.HEADS,))
 
   def __call__(self, x, text, text_mask):
     """x [b,s,d], text [b,l,d], text_mask [b,l] -> [b,s,d]."""
