@@ -26,9 +26,9 @@ from tqdm import tqdm
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.data import pipeline
 from anchoredit_jax.models.model import abstract_split, build
-from anchoredit_jax.stages import pretrain
+from anchoredit_jax.stages import causal, pretrain
 
-STAGES = {"pretrain": pretrain}
+STAGES = {"pretrain": pretrain, "causal": causal}
 
 
 def make_optimizer(ocfg, total_steps):
@@ -95,6 +95,13 @@ class Trainer:
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
            "step": state["step"] + 1}
     return new, metrics
+
+  def with_params(self, state, params):
+    """The state with `params` (e.g. from an earlier stage) and a fresh optimizer state."""
+    def fresh(params):
+      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    with sh.use_mesh(self.mesh, self.rules):
+      return jax.jit(fresh, out_shardings=self.state_sh)(params)
 
   def put_batch(self, batch):
     return {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(v))
@@ -163,6 +170,21 @@ def _check_config(workdir, cfg):
       f.write(cfg.to_json(indent=2))
 
 
+def _load_init(cfg):
+  """Parameters of the earlier stage's run named by cfg.init_from, checked against this model."""
+  from anchoredit_jax.checkpoint import load_params
+  src = cfg.init_from
+  if not os.path.exists(os.path.join(src, "checkpoints")):
+    raise FileNotFoundError(
+        f"init_from={src} has no checkpoint; make it first with: python -m anchoredit_jax.train "
+        f"--config=configs/pretrain.py:{cfg.preset} --workdir={src}")
+  src_cfg, _, params, step = load_params(src)
+  if json.loads(src_cfg.model.to_json()) != json.loads(cfg.model.to_json()):
+    raise ValueError(f"init_from={src} was trained with another model config than this stage's")
+  print(f"initialised from {src} step {step}")
+  return params
+
+
 def train(cfg, workdir):
   workdir = os.path.abspath(workdir)
   _check_config(workdir, cfg)
@@ -175,6 +197,8 @@ def train(cfg, workdir):
   train_seconds = 0.0
   if start is None:
     state = trainer.init_state(jax.random.fold_in(key, 0))
+    if cfg.get("init_from"):
+      state = trainer.with_params(state, _load_init(cfg))
     start = 0
   else:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -52,10 +52,16 @@ def loss_fn(params, graphdef, batch, rng, cfg):
   drop = jax.random.bernoulli(r_drop, cfg.flow.p_uncond, (b,))
   tokens = jnp.where(drop[:, None], empty_tokens(cfg.model.text_len), batch["tokens"][:, 0])
   v = velocity(model, src, flow.add_noise(x0, noise, t), t, tokens)
-  err = jnp.square(v - flow.velocity_target(x0, noise))  # [b,H,W,C]
-  weight = 1.0 + cfg.flow.edit_weight * edit_region(batch["edit_masks"][:, 0], x0.shape[1])
-  loss = jnp.mean(err * weight[..., None]) / jnp.mean(weight)
-  return loss, {"loss": loss, "mse": jnp.mean(err)}
+  loss, mse = edit_weighted_loss(v, x0, noise, batch["edit_masks"][:, 0], cfg.flow.edit_weight)
+  return loss, {"loss": loss, "mse": mse}
+
+
+def edit_weighted_loss(v, x0, noise, edit_mask, edit_weight):
+  """Velocity MSE with the edited pixels weighted (1 + edit_weight). v/x0/noise [b,H,W,C],
+  edit_mask [b,R,R] -> (weighted loss, plain mse)."""
+  err = jnp.square(v - flow.velocity_target(x0, noise))
+  weight = 1.0 + edit_weight * edit_region(edit_mask, x0.shape[1])
+  return jnp.mean(err * weight[..., None]) / jnp.mean(weight), jnp.mean(err)
 
 
 def edit_region(mask, latent_res):

@@ -1,0 +1,43 @@
+"""Per-turn primitives shared by causal training, distillation and inference.
+
+A turn is denoised attending to the AnchorMemory of the turns before it; once it is clean it is
+run once more at t = 0 and its keys/values are written into the memory (as Self Forcing does), so
+what later turns see is exactly what inference will give them.
+
+Letters: b batch, H/W latent grid, C latent channels, l instruction length.
+"""
+import jax
+import jax.numpy as jnp
+
+from anchoredit_jax import flow
+
+
+def turn_velocity(model, mem, x, t, tokens):
+  """Velocity of one new turn: x [b,H,W,C] at time t [b], tokens [b,l] -> (v, kv [L,b,n,h,k])."""
+  b = x.shape[0]
+  pos = jnp.broadcast_to(mem.next_turn_pos(), (b, 1))
+  cond = mem.cond()[:, None] if model.cfg.concat_prev else None
+  v, kv = model(x[:, None], t[:, None], tokens[:, None], pos, cond=cond, context=mem.context())
+  return v[:, 0], kv
+
+
+def write_turn(model, mem, x0, tokens):
+  """Append a clean turn x0 [b,H,W,C] (its K/V at t = 0, no gradient) to the memory."""
+  _, kv = turn_velocity(model, mem, x0, jnp.zeros((x0.shape[0],)), tokens)
+  return mem.append(jax.lax.stop_gradient(kv), jax.lax.stop_gradient(x0))
+
+
+def generate_turn(model, mem, tokens, uncond, rng, *, steps, guidance, shift):
+  """Sample a turn from noise with Euler + CFG, conditioned on the memory -> x0 [b,H,W,C]."""
+  shape = (tokens.shape[0],) + mem.last_latent.shape[1:]
+
+  def velocity_fn(x, t, guided):
+    tb = jnp.full((x.shape[0],), t)
+    if not guided:
+      return turn_velocity(model, mem, x, tb, tokens)[0]
+    v_c = turn_velocity(model, mem, x, tb, tokens)[0]
+    v_u = turn_velocity(model, mem, x, tb, uncond)[0]
+    return v_c, v_u
+
+  return flow.euler_sample(velocity_fn, jax.random.normal(rng, shape), steps=steps, shift=shift,
+                           guidance=guidance)

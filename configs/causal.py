@@ -1,0 +1,31 @@
+"""Stage 2: causal AR-forcing fine-tuning with self-rollout, from the stage-1 checkpoint.
+
+  python -m anchoredit_jax.train --config=configs/causal.py --workdir=runs/toy/causal
+
+Reads the stage-1 run named by `init_from` (default runs/<preset>/pretrain). Ablation switches:
+--config.causal.self_rollout=False (pure teacher forcing), --config.causal.window=W,
+--config.causal.anchor=False (window only), --config.causal.full_cache=True (keep every turn).
+"""
+import ml_collections
+
+from configs import pretrain
+
+
+def get_config(arg=None):
+  c = pretrain.get_config(arg)
+  p = c.preset
+  c.stage = "causal"
+  c.workdir = f"runs/{p}/causal"
+  c.init_from = f"runs/{p}/pretrain"
+  c.data.num_turns = 5  # the source + 5 edits, longer than the window below
+  c.causal = ml_collections.ConfigDict(dict(
+      self_rollout=True, p_teacher=0.2, window=2, anchor=True, full_cache=False,
+      rollout_steps=4, rollout_guidance=1.0))
+  c.train.update(batch_size=8, steps=2000, minutes=0.0, eval_every=10**9)
+  c.optim.update(lr=2e-4, warmup_steps=100, end_lr=2e-5)
+  c.eval.pairs = 0  # multi-turn evaluation comes with the benchmark (issue 4)
+  if p == "smoke":
+    c.data.num_turns = 3
+    c.causal.update(window=1, rollout_steps=2)
+    c.train.update(batch_size=4, steps=4)
+  return c
