@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       res={"wan1.3b": 480}.get(p, 32), num_turns=1, background="procedural", ops=(),
       threads=1, prefetch=4))
-  c.flow = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift=1.0, p_uncond=0.1,
+  c.flow = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift=3.0, p_uncond=0.1,
                                          edit_weight=4.0))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=200, end_lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.99, clip=1.0))
@@ -32,7 +32,7 @@ def get_config(arg=None):
       batch_size=32, steps=9000, minutes=60.0, log_every=50, ckpt_every=500, eval_every=750,
       keep_checkpoints=2))
   c.eval = ml_collections.ConfigDict(dict(
-      pairs=256, batch_size=64, steps=20, guidance=2.0, shift=1.0, seed=0))
+      pairs=256, batch_size=64, steps=20, guidance=2.0, shift=3.0, seed=0))
   c.mesh = common.mesh_config(p)
   c.sharding = ml_collections.ConfigDict(dict(rules=common.sharding_rules()))
 

@@ -71,7 +71,9 @@ class CausalDiT(nnx.Module):
     self.text_embed = MLP(cfg.text_dim, d, d_out=d, rngs=rngs)
     self.time_in = Dense(cfg.freq_dim, d, (None, sh.EMBED), rngs=rngs)
     self.time_out = Dense(d, d, (sh.EMBED, None), rngs=rngs)
-    self.time_proj = Dense(d, 6 * d, (sh.EMBED, sh.MLP_), rngs=rngs)
+    # Zero-initialised (adaLN-Zero, as in DiT): every block starts as the identity plus its
+    # small learned table, which trains much faster from scratch; Wan weights overwrite it.
+    self.time_proj = Dense(d, 6 * d, (sh.EMBED, sh.MLP_), rngs=rngs, zero_init=True)
 
     @nnx.split_rngs(splits=cfg.layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: sh.LAYERS})
