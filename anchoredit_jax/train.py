@@ -9,6 +9,7 @@ config.json, and summary.json at the end.
 """
 import json
 import os
+import signal
 import sys
 import time
 
@@ -96,7 +97,7 @@ class Trainer:
            "step": state["step"] + 1}
     return new, metrics
 
-  def with_params(self, state, params):
+  def with_params(self, params):
     """The state with `params` (e.g. from an earlier stage) and a fresh optimizer state."""
     def fresh(params):
       return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
@@ -196,9 +197,10 @@ def train(cfg, workdir):
   start = mngr.latest_step()
   train_seconds = 0.0
   if start is None:
-    state = trainer.init_state(jax.random.fold_in(key, 0))
     if cfg.get("init_from"):
-      state = trainer.with_params(state, _load_init(cfg))
+      state = trainer.with_params(_load_init(cfg))
+    else:
+      state = trainer.init_state(jax.random.fold_in(key, 0))
     start = 0
   else:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -230,7 +232,11 @@ def train(cfg, workdir):
              disable=jax.process_index() != 0)
   step, result, t_log, n_log = start, {}, time.perf_counter(), 0
   metrics = None
-  while step < cfg.train.steps and not (budget and train_seconds >= budget):
+  # Ctrl-C finishes the step in flight, then saves a checkpoint (the state is donated to each
+  # step, so interrupting one midway would lose it).
+  stop = []
+  old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+  while step < cfg.train.steps and not (budget and train_seconds >= budget) and not stop:
     t0 = time.perf_counter()
     state, metrics = trainer.step(state, next(data_it), key)
     step += 1
@@ -252,6 +258,9 @@ def train(cfg, workdir):
       bar.write(f"step {step} ({train_seconds / 60:.1f} min): " +
                 ", ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.startswith("copy_")))
   bar.close()
+  signal.signal(signal.SIGINT, old_handler)
+  if stop:
+    print(f"interrupted at step {step}; saved a checkpoint, rerun the same command to resume")
   if mngr.latest_step() != step:
     save(step)
   mngr.wait_until_finished()
