@@ -59,10 +59,27 @@ def state_shardings(abs_state, param_sh, mesh):
   return jax.tree_util.tree_map_with_path(pick, abs_state)
 
 
+def check_config(cfg):
+  """Config mistakes that would otherwise surface as shape errors deep inside jit."""
+  if cfg.stage not in STAGES:
+    raise ValueError(f"stage={cfg.stage!r} unknown; choose one of {sorted(STAGES)}")
+  m, res = cfg.model, cfg.data.res
+  step = m.ae_factor * m.patch
+  if res % step:
+    raise ValueError(f"data.res={res} is not a multiple of the patch size in pixels "
+                     f"(model.ae_factor * model.patch = {step})")
+  if m.dim % m.heads:
+    raise ValueError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}")
+  if cfg.train.batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over "
+                     f"{jax.process_count()} processes")
+
+
 class Trainer:
   """Holds the compiled step, shardings and graphdef for one config (also used by tests)."""
 
   def __init__(self, cfg, mesh=None):
+    check_config(cfg)
     self.cfg, self.stage = cfg, STAGES[cfg.stage]
     self.mesh = mesh or sh.make_mesh(dict(cfg.mesh))
     self.rules = tuple(tuple(r) for r in cfg.sharding.rules)

@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from anchoredit_jax import flow
@@ -64,6 +65,17 @@ def test_cli_refuses_workdir_of_another_config(tmp_path):
   assert other.returncode != 0
   err = other.stderr.strip().splitlines()
   assert err and err[-1].startswith("error:") and "different model config" in err[-1]
+
+
+def test_config_mistakes_are_named():
+  cfg = smoke_config()
+  cfg.data.res = 34  # not a multiple of patch 4
+  with pytest.raises(ValueError, match="data.res=34"):
+    Trainer(cfg, one_device_mesh())
+  cfg = smoke_config()
+  cfg.model.heads = 5
+  with pytest.raises(ValueError, match="model.heads=5"):
+    Trainer(cfg, one_device_mesh())
 
 
 def test_wan_sized_dit_shapes_without_memory():
