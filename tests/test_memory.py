@@ -96,3 +96,16 @@ def test_remat_does_not_change_outputs():
     params, apply = random_model(tiny_model(remat=remat))
     outs.append(apply(params, x, t, toks, jnp.broadcast_to(jnp.arange(2), (B, 2)), cond=prev_cond(x))[0])
   assert rel_err(outs[1], outs[0]) <= 1e-6 and rel_err(outs[2], outs[0]) <= 1e-6
+
+
+def test_x0_residual_model_starts_as_an_exact_copy_of_the_previous_turn():
+  """Zero-initialised head + x0_residual: the implied clean turn is the previous turn, at any t."""
+  from flax import nnx
+  from anchoredit_jax import flow
+  from anchoredit_jax.models.model import build
+  cfg = tiny_model(prediction="x0_residual")
+  model = build(cfg, nnx.Rngs(0))
+  x, t, toks = _inputs(cfg, 2)
+  t = t.at[:, 1].set(jnp.array([0.3, 0.9]))
+  v, _ = model(x, t, toks, jnp.broadcast_to(jnp.arange(2), (B, 2)), cond=prev_cond(x))
+  np.testing.assert_allclose(flow.x0_from_velocity(x[:, 1], v[:, 1], t[:, 1]), x[:, 0], atol=1e-5)

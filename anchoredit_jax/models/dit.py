@@ -23,6 +23,8 @@ from anchoredit_jax.models import rope
 from anchoredit_jax.models.attention import CrossAttention, SelfAttention
 from anchoredit_jax.models.layers import MLP, Dense, LayerNorm, param, sinusoidal
 
+X0_MIN_T = 0.05  # velocity = (x_t - x0) / max(t, X0_MIN_T) under x0-prediction
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -133,4 +135,17 @@ class CausalDiT(nnx.Module):
     shift, scale = jnp.split((self.head_modulation[None] + e[:, :, None, :])[:, :, :, None], 2, axis=2)
     out = self.head(self.head_norm(h) * (1 + scale[:, :, 0]) + shift[:, :, 0])
     out = rearrange(out, "b T (h w) (p q c) -> b T (h p) (w q) c", h=gh, p=p, q=p)
+    if cfg.prediction in ("x0", "x0_residual"):
+      # The network predicts the clean turn and we return the implied velocity. Clean pixels lie
+      # on a low-dimensional set while noise does not, so x-prediction learns faster in pixel
+      # space (Li & He, "Back to Basics", 2025). "x0_residual" predicts the change from the
+      # previous clean turn (the concat condition): an untouched pixel is an output of zero, so
+      # the model preserves what it is not told to edit from the first step of training.
+      if cfg.prediction == "x0_residual":
+        if not cfg.concat_prev:
+          raise ValueError("prediction='x0_residual' needs concat_prev=True (the turn it edits)")
+        out = out + cond[..., :C].astype(out.dtype)
+      out = (x[..., :C] - out) / jnp.maximum(t, X0_MIN_T)[:, :, None, None, None]
+    elif cfg.prediction != "velocity":
+      raise ValueError(f"model.prediction={cfg.prediction!r}; use velocity, x0 or x0_residual")
     return out, kv
