@@ -34,7 +34,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       attention_kernel="xla", remat="none"))
   if preset == "toy":
     m.update(dim=192, layers=4, heads=6, ffn_dim=768, freq_dim=128, text_dim=128, text_layers=2,
-             text_heads=4, prediction="x0_residual")
+             text_heads=4)
   elif preset == "wan1.3b":
     # Wan2.1-T2V-1.3B: dim 1536, 30 layers, 12 heads x 128, FFN 8960, freq 256, umT5 4096 x 512,
     # patch (1,2,2) over the VAE's 16 channels at stride 8.
