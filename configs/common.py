@@ -30,7 +30,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       dim=64, layers=2, heads=4, ffn_dim=256, freq_dim=64, patch=4, rope_theta=10000.0,
       text_encoder="bytes", text_dim=64, text_layers=1, text_heads=4, text_len=64,
       autoencoder="pixel", ae_factor=1, latent_channels=3,
-      concat_prev=True, source_context=False, prediction="velocity",
+      concat_prev=True, source_context=False, prediction="velocity", abs_pos=False,
       attention_kernel="xla", remat="none"))
   if preset == "toy":
     m.update(dim=192, layers=4, heads=6, ffn_dim=768, freq_dim=128, text_dim=128, text_layers=2,

@@ -33,7 +33,7 @@ def _incremental(apply, params, cfg, x, t, toks, window):
 
 
 def test_memory_equals_block_causal_forward_when_window_holds_all():
-  cfg = tiny_model(layers=3)
+  cfg = tiny_model(layers=3, abs_pos=True)  # (b) below covers abs_pos=False
   params, apply = random_model(cfg)
   x, t, toks = _inputs(cfg, 5)
   full, _ = apply(params, x, t, toks, jnp.broadcast_to(jnp.arange(5), (B, 5)), cond=prev_cond(x))
@@ -109,3 +109,10 @@ def test_x0_residual_model_starts_as_an_exact_copy_of_the_previous_turn():
   t = t.at[:, 1].set(jnp.array([0.3, 0.9]))
   v, _ = model(x, t, toks, jnp.broadcast_to(jnp.arange(2), (B, 2)), cond=prev_cond(x))
   np.testing.assert_allclose(flow.x0_from_velocity(x[:, 1], v[:, 1], t[:, 1]), x[:, 0], atol=1e-5)
+
+
+def test_abs_pos_embedding_tells_tokens_apart():
+  from anchoredit_jax.models.dit import abs_pos_embedding
+  e = np.asarray(abs_pos_embedding(4, 4, 32))
+  assert e.shape == (16, 32)
+  assert len({tuple(np.round(r, 5)) for r in e}) == 16

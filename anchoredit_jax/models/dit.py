@@ -32,6 +32,15 @@ REMAT_POLICIES = {
 }
 
 
+def abs_pos_embedding(grid_h, grid_w, dim):
+  """Fixed 2D sin-cos position of each token [grid_h*grid_w, dim]: half the channels for the
+  row, half for the column. RoPE only sees offsets between tokens; an instruction such as
+  "add ... at the top left" needs to know where a token is in the image."""
+  rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
+  return jnp.concatenate([sinusoidal(rows.ravel(), dim // 2, 100.0),
+                          sinusoidal(cols.ravel(), dim - dim // 2, 100.0)], axis=-1)
+
+
 class Block(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
@@ -104,7 +113,10 @@ class CausalDiT(nnx.Module):
       x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
     gh, gw = H // p, W // p
     tokens = rearrange(x, "b T (h p) (w q) c -> b T (h w) (p q c)", p=p, q=p)
-    h = sh.constrain(self.patch_embed(tokens), (sh.BATCH, None, sh.LENGTH, sh.EMBED))  # [b,T,n,d]
+    h = self.patch_embed(tokens)  # [b,T,n,d]
+    if cfg.abs_pos:
+      h = h + abs_pos_embedding(gh, gw, cfg.dim)
+    h = sh.constrain(h, (sh.BATCH, None, sh.LENGTH, sh.EMBED))
     n = gh * gw
 
     e = self.time_out(jax.nn.silu(self.time_in(sinusoidal(t * 1000.0, cfg.freq_dim))))  # [b,T,d]
