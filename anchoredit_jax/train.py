@@ -179,7 +179,10 @@ def _check_config(workdir, cfg):
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    if old.get("model") != json.loads(cfg.model.to_json()) or old.get("stage") != cfg.stage:
+    # fields added to the model config after that run was made take their preset default
+    from configs.common import model_config
+    old_model = {**json.loads(model_config(old.get("preset", cfg.preset)).to_json()), **old.get("model", {})}
+    if old_model != json.loads(cfg.model.to_json()) or old.get("stage") != cfg.stage:
       raise ValueError(f"{workdir} holds a run with a different model config or stage; "
                        "use a new --workdir or the same config")
   elif jax.process_index() == 0:
