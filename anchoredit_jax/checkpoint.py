@@ -13,7 +13,11 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training run directory "
                             "(make one with python -m anchoredit_jax.train --workdir=...)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    cfg = json.load(f)
+  # model fields added since the run was made take their preset default
+  from configs.common import model_config
+  cfg["model"] = {**json.loads(model_config(cfg.get("preset", "toy")).to_json()), **cfg.get("model", {})}
+  return ml_collections.ConfigDict(cfg)
 
 
 def load_params(workdir, step=None):

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from anchoredit_jax import sharding as sh
+from anchoredit_jax.checkpoint import load_config
 from anchoredit_jax.data import pipeline
 from anchoredit_jax.models.model import abstract_split, build
 from anchoredit_jax.stages import causal, pretrain
@@ -177,12 +178,8 @@ def _check_config(workdir, cfg):
   """Refuse to resume a workdir made by a different model config."""
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    # fields added to the model config after that run was made take their preset default
-    from configs.common import model_config
-    old_model = {**json.loads(model_config(old.get("preset", cfg.preset)).to_json()), **old.get("model", {})}
-    if old_model != json.loads(cfg.model.to_json()) or old.get("stage") != cfg.stage:
+    old = load_config(workdir)
+    if old.model.to_dict() != cfg.model.to_dict() or old.get("stage") != cfg.stage:
       raise ValueError(f"{workdir} holds a run with a different model config or stage; "
                        "use a new --workdir or the same config")
   elif jax.process_index() == 0:
