@@ -292,21 +292,25 @@ def train(cfg, workdir):
   return summary
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Stage config file[:preset].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+def main():
+  # Flags are defined here, not at import: `checkpoint.load_params` imports this module while it
+  # may also be running as __main__, and absl refuses a flag defined twice.
+  config = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Stage config file[:preset].")
+  workdir = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
 
+  def run(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    cfg = config.value
+    try:
+      summary = train(cfg, workdir.value or cfg.workdir)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+      print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+      sys.exit(2)
+    print(json.dumps(summary))
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  cfg = _CONFIG.value
-  try:
-    summary = train(cfg, _WORKDIR.value or cfg.workdir)
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(summary))
+  app.run(run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
