@@ -76,7 +76,6 @@ class CausalDiT(nnx.Module):
   def __init__(self, cfg, *, latent_channels: int, rngs):
     self.cfg = cfg
     d, p = cfg.dim, cfg.patch
-    self.latent_channels = latent_channels
     in_ch = latent_channels * (2 if cfg.concat_prev else 1) + (1 if cfg.concat_prev else 0)
     self.patch_embed = Dense(p * p * in_ch, d, (None, sh.EMBED), rngs=rngs)
     self.text_embed = MLP(cfg.text_dim, d, d_out=d, rngs=rngs)
