@@ -28,9 +28,11 @@ from anchoredit_jax import sharding as sh
 from anchoredit_jax.checkpoint import load_config
 from anchoredit_jax.data import pipeline
 from anchoredit_jax.models.model import abstract_split, build
-from anchoredit_jax.stages import causal, pretrain
+from anchoredit_jax.stages import causal, distill, pretrain
 
-STAGES = {"pretrain": pretrain, "causal": causal}
+# A stage module gives loss_fn(params, graphdef, batch, rng, cfg[, aux]) -> (loss, metrics) and
+# evaluate(); one with extra state (distill: frozen teacher, EMA) adds init_aux and update_aux.
+STAGES = {"pretrain": pretrain, "causal": causal, "distill": distill}
 
 
 def make_optimizer(ocfg, total_steps):
@@ -89,8 +91,7 @@ class Trainer:
     param_sh = sh.param_shardings(abs_params, self.mesh, self.rules)
 
     def init(rng):
-      params = nnx.split(build(cfg.model, nnx.Rngs(rng)))[1]
-      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+      return self._fresh(nnx.split(build(cfg.model, nnx.Rngs(rng)))[1])
 
     self._init = init
     abs_state = jax.eval_shape(init, jax.random.key(0))
@@ -101,26 +102,34 @@ class Trainer:
     self.step_fn = jax.jit(self._step, in_shardings=(self.state_sh, self.batch_sh, self.replicated),
                            out_shardings=(self.state_sh, self.replicated), donate_argnums=0)
 
+  def _fresh(self, params):
+    """{params, opt_state, step[, aux]}: a new state around `params`."""
+    state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if hasattr(self.stage, "init_aux"):
+      state["aux"] = self.stage.init_aux(params, self.cfg)
+    return state
+
   def init_state(self, rng):
     with sh.use_mesh(self.mesh, self.rules):
       return jax.jit(self._init, out_shardings=self.state_sh)(rng)
 
   def _step(self, state, batch, key):
     rng = jax.random.fold_in(key, state["step"])
+    aux = (state["aux"],) if "aux" in state else ()
     grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg)
+    (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.tree.norm(grads)
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
            "step": state["step"] + 1}
+    if aux:
+      new["aux"] = self.stage.update_aux(state["aux"], new["params"], self.cfg)
     return new, metrics
 
   def with_params(self, params):
     """The state with `params` (e.g. from an earlier stage) and a fresh optimizer state."""
-    def fresh(params):
-      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
     with sh.use_mesh(self.mesh, self.rules):
-      return jax.jit(fresh, out_shardings=self.state_sh)(params)
+      return jax.jit(self._fresh, out_shardings=self.state_sh)(params)
 
   def put_batch(self, batch):
     return {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(v))
@@ -188,15 +197,21 @@ def _check_config(workdir, cfg):
       f.write(cfg.to_json(indent=2))
 
 
+PREVIOUS_STAGE = {"causal": "pretrain", "distill": "causal"}
+
+
 def _load_init(cfg):
   """Parameters of the earlier stage's run named by cfg.init_from, checked against this model."""
   from anchoredit_jax.checkpoint import load_params
-  src = cfg.init_from
+  src, prev = cfg.init_from, PREVIOUS_STAGE.get(cfg.stage, "pretrain")
   if not os.path.exists(os.path.join(src, "checkpoints")):
     raise FileNotFoundError(
         f"init_from={src} has no checkpoint; make it first with: python -m anchoredit_jax.train "
-        f"--config=configs/pretrain.py:{cfg.preset} --workdir={src}")
+        f"--config=configs/{prev}.py:{cfg.preset} --workdir={src}")
   src_cfg, _, params, step = load_params(src)
+  if src_cfg.get("stage") != prev:
+    raise ValueError(f"init_from={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} starts "
+                     f"from a {prev} run")
   if json.loads(src_cfg.model.to_json()) != json.loads(cfg.model.to_json()):
     raise ValueError(f"init_from={src} was trained with another model config than this stage's")
   print(f"initialised from {src} step {step}")

@@ -33,8 +33,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       concat_prev=True, source_context=False, prediction="velocity", abs_pos=False,
       attention_kernel="xla", remat="none"))
   if preset == "toy":
+    # abs_pos: "add ... at the top left" needs absolute positions; RoPE alone gives relative ones
     m.update(dim=192, layers=4, heads=6, ffn_dim=768, freq_dim=128, text_dim=128, text_layers=2,
-             text_heads=4)
+             text_heads=4, abs_pos=True)
   elif preset == "wan1.3b":
     # Wan2.1-T2V-1.3B: dim 1536, 30 layers, 12 heads x 128, FFN 8960, freq 256, umT5 4096 x 512,
     # patch (1,2,2) over the VAE's 16 channels at stride 8.

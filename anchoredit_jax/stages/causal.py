@@ -27,29 +27,56 @@ def memory_window(cfg, turns: int) -> int:
   return turns + 1 if cfg.causal.full_cache else cfg.causal.window
 
 
+def rollout_inputs(model, cfg, batch):
+  """Encode a sequence -> (source latent [b,H,W,C], empty tokens [b,l], empty memory, per-turn
+  scan inputs (turn index, ground truth, tokens, edit mask), each with turns first)."""
+  mcfg = model.cfg
+  lat = model.autoencoder.encode(batch["images"])  # [b,K+1,H,W,C]
+  b, K = lat.shape[0], lat.shape[1] - 1
+  empty = jnp.broadcast_to(empty_tokens(mcfg.text_len), (b, mcfg.text_len))
+  mem = init_memory(mcfg, b, batch["images"].shape[2], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
+  swap = lambda a: jnp.swapaxes(a, 0, 1)
+  xs = (jnp.arange(1, K + 1), swap(lat[:, 1:]), swap(batch["tokens"]), swap(batch["edit_masks"]))
+  return lat[:, 0], empty, mem, xs
+
+
+def rollout_context(c, x_gt, generate, rng):
+  """The turn written into the memory: the model's own sample (`generate()`, no gradient), or,
+  with probability c.p_teacher per sequence or always without self-rollout, the ground truth."""
+  if not c.self_rollout:
+    return x_gt
+  x_gen = jax.lax.stop_gradient(generate())
+  teacher = jax.random.bernoulli(rng, c.p_teacher, (x_gt.shape[0], 1, 1, 1))
+  return jnp.where(teacher, x_gt, x_gen)
+
+
+def run_turns(body, carry, xs, use_scan=True):
+  """lax.scan(body, carry, xs)'s per-turn outputs, or the same as a Python loop."""
+  if use_scan:
+    return jax.lax.scan(body, carry, xs)[1]
+  outs = []
+  for k in range(xs[0].shape[0]):
+    carry, out = body(carry, jax.tree.map(lambda a: a[k], xs))
+    outs.append(out)
+  return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
+
 def rollout_losses(params, graphdef, batch, rng, cfg, *, use_scan=True):
   """Per-turn flow losses [K] of one self-rollout. batch: images uint8 [b,K+1,R,R,3],
   tokens [b,K,l], edit_masks [b,K,R,R]. use_scan=False runs the same body as a Python loop."""
   model = nnx.merge(graphdef, params)
-  c, mcfg = cfg.causal, model.cfg
-  lat = model.autoencoder.encode(batch["images"])  # [b,K+1,H,W,C]
-  b, K = lat.shape[0], lat.shape[1] - 1
-  empty = jnp.broadcast_to(empty_tokens(mcfg.text_len), (b, mcfg.text_len))
-  mem = init_memory(mcfg, b, batch["images"].shape[2], memory_window(cfg, K), use_anchor=c.anchor)
-  mem = write_turn(model, mem, lat[:, 0], empty)
+  c = cfg.causal
+  src, empty, mem, xs = rollout_inputs(model, cfg, batch)
+  mem = write_turn(model, mem, src, empty)
 
   def body(mem, xs):
     k, x_gt, tokens, mask = xs
     r = jax.random.fold_in(rng, k)
     r_gen, r_teach, r_t, r_noise, r_drop = (jax.random.fold_in(r, i) for i in range(5))
-    if c.self_rollout:
-      x_gen = jax.lax.stop_gradient(generate_turn(
-          model, mem, tokens, empty, r_gen, steps=c.rollout_steps, guidance=c.rollout_guidance,
-          shift=cfg.flow.shift))
-      teacher = jax.random.bernoulli(r_teach, c.p_teacher, (b, 1, 1, 1))
-      x_ctx = jnp.where(teacher, x_gt, x_gen)
-    else:
-      x_ctx = x_gt
+    x_ctx = rollout_context(c, x_gt, lambda: generate_turn(
+        model, mem, tokens, empty, r_gen, steps=c.rollout_steps, guidance=c.rollout_guidance,
+        shift=cfg.flow.shift), r_teach)
+    b = x_gt.shape[0]
     t = flow.sample_time(r_t, (b,), mean=cfg.flow.t_mean, std=cfg.flow.t_std, shift=cfg.flow.shift)
     noise = jax.random.normal(r_noise, x_gt.shape)
     drop = jax.random.bernoulli(r_drop, cfg.flow.p_uncond, (b, 1))
@@ -57,15 +84,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, *, use_scan=True):
     loss, _ = edit_weighted_loss(v, x_gt, noise, mask, cfg.flow.edit_weight)
     return write_turn(model, mem, x_ctx, tokens), loss
 
-  swap = lambda a: jnp.swapaxes(a, 0, 1)
-  xs = (jnp.arange(1, K + 1), swap(lat[:, 1:]), swap(batch["tokens"]), swap(batch["edit_masks"]))
-  if use_scan:
-    return jax.lax.scan(body, mem, xs)[1]
-  losses = []
-  for k in range(K):
-    mem, loss = body(mem, jax.tree.map(lambda a: a[k], xs))
-    losses.append(loss)
-  return jnp.stack(losses)
+  return run_turns(body, mem, xs, use_scan)
 
 
 def loss_fn(params, graphdef, batch, rng, cfg):

@@ -59,8 +59,13 @@ def loss_fn(params, graphdef, batch, rng, cfg):
 def edit_weighted_loss(v, x0, noise, edit_mask, edit_weight):
   """Velocity MSE with the edited pixels weighted (1 + edit_weight). v/x0/noise [b,H,W,C],
   edit_mask [b,R,R] -> (weighted loss, plain mse)."""
-  err = jnp.square(v - flow.velocity_target(x0, noise))
-  weight = 1.0 + edit_weight * edit_region(edit_mask, x0.shape[1])
+  return weighted_mse(v, flow.velocity_target(x0, noise), edit_mask, edit_weight)
+
+
+def weighted_mse(pred, target, edit_mask, edit_weight):
+  """MSE over [b,H,W,C] latents with the edited region weighted (1 + edit_weight)."""
+  err = jnp.square(pred - target)
+  weight = 1.0 + edit_weight * edit_region(edit_mask, target.shape[1])
   return jnp.mean(err * weight[..., None]) / jnp.mean(weight), jnp.mean(err)
 
 

@@ -1,0 +1,88 @@
+"""Stage 3: consistency distillation of the stage-2 model into a 4-step causal student.
+
+Three copies of the model take part: the frozen *teacher* (stage 2, sampled with classifier-free
+guidance), the *student* being trained (initialised from the teacher) and its *EMA*, which gives
+the targets. On a discretised schedule 0 = t_0 < ... < t_N = 1 (warped by the training shift):
+
+  x_{n+1} = noised ground truth at t_{n+1}
+  x_n     = one guided Euler step of the teacher from t_{n+1} to t_n
+  loss    = || f_student(x_{n+1}, t_{n+1}) - stop_grad(f_ema(x_n, t_n)) ||^2   (edit-weighted)
+
+with the consistency function f(x, t) = x - t v(x, t), which meets f(x, 0) = x by construction.
+No JVP is needed. Like stage 2, training runs over multi-turn sequences with one `lax.scan` whose
+carry holds each model's AnchorMemory; the turn written into all three memories is the
+*student's own* 4-step sample (self-rollout; ground truth with probability p_teacher), so the
+student learns on the context it will see at inference. Each model keeps its own memory because
+the keys and values of a turn depend on the weights that computed them.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from anchoredit_jax import flow
+from anchoredit_jax.editing import generate_turn_fast, turn_velocity, write_turn
+from anchoredit_jax.stages.causal import rollout_context, rollout_inputs, run_turns
+from anchoredit_jax.stages.pretrain import weighted_mse
+
+ROLES = ("student", "ema", "teacher")
+
+
+def init_aux(params, cfg):
+  """Extra training state: the frozen teacher and the EMA student both start as `params`."""
+  del cfg
+  return {"teacher": params, "ema": params}
+
+
+def update_aux(aux, params, cfg):
+  """EMA of the student after each optimizer step; the teacher never changes."""
+  d = cfg.distill.ema_decay
+  return {**aux, "ema": optax.incremental_update(params, aux["ema"], 1.0 - d)}
+
+
+def schedule(cfg):
+  """[N+1] times t_0 = 0 < ... < t_N = 1 of the discretised consistency schedule."""
+  return flow.shift_time(jnp.linspace(0.0, 1.0, cfg.distill.intervals + 1), cfg.flow.shift)
+
+
+def consistency_x0(model, mem, x, t, tokens):
+  return flow.x0_from_velocity(x, turn_velocity(model, mem, x, t, tokens)[0], t)
+
+
+def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
+  """Per-turn consistency losses [K] over one self-rollout (see the module docstring)."""
+  models = {"student": nnx.merge(graphdef, params), "ema": nnx.merge(graphdef, aux["ema"]),
+            "teacher": nnx.merge(graphdef, aux["teacher"])}
+  c, d = cfg.causal, cfg.distill
+  src, empty, mem0, xs = rollout_inputs(models["student"], cfg, batch)
+  mems = {r: write_turn(m, mem0, src, empty) for r, m in models.items()}
+  grid = schedule(cfg)
+
+  def body(mems, xs):
+    k, x_gt, tokens, mask = xs
+    r = jax.random.fold_in(rng, k)
+    r_gen, r_teach, r_n, r_noise = (jax.random.fold_in(r, i) for i in range(4))
+    b = x_gt.shape[0]
+    x_ctx = rollout_context(c, x_gt, lambda: generate_turn_fast(
+        models["student"], mems["student"], tokens, r_gen, steps=d.student_steps,
+        shift=cfg.flow.shift), r_teach)
+    n = jax.random.randint(r_n, (b,), 0, d.intervals)
+    t_hi, t_lo = grid[n + 1], grid[n]
+    x_hi = flow.add_noise(x_gt, jax.random.normal(r_noise, x_gt.shape), t_hi)
+    v_c = turn_velocity(models["teacher"], mems["teacher"], x_hi, t_hi, tokens)[0]
+    v_u = turn_velocity(models["teacher"], mems["teacher"], x_hi, t_hi, empty)[0]
+    v = v_u + d.guidance * (v_c - v_u)
+    x_lo = x_hi + (t_lo - t_hi)[:, None, None, None] * v
+    target = jax.lax.stop_gradient(consistency_x0(models["ema"], mems["ema"], x_lo, t_lo, tokens))
+    pred = consistency_x0(models["student"], mems["student"], x_hi, t_hi, tokens)
+    loss, _ = weighted_mse(pred, target, mask, cfg.flow.edit_weight)
+    mems = {r: write_turn(models[r], mems[r], x_ctx, tokens) for r in ROLES}
+    return mems, loss
+
+  return run_turns(body, mems, xs, use_scan)
+
+
+def loss_fn(params, graphdef, batch, rng, cfg, aux):
+  losses = rollout_losses(params, graphdef, batch, rng, cfg, aux)
+  loss = jnp.mean(losses)
+  return loss, {"loss": loss, "loss_first_turn": losses[0], "loss_last_turn": losses[-1]}
