@@ -34,9 +34,10 @@ class AnchorMemory:
     if window < 1:
       raise ValueError(f"memory window must be >= 1, got {window}")
     n = grid[0] * grid[1]
-    kv = jnp.zeros((layers, batch, n, heads, head_dim), dtype)
-    win = jnp.zeros((layers, batch, window, n, heads, head_dim), dtype)
-    return cls(kv, kv, win, win, jnp.zeros((batch,) + tuple(latent_shape), jnp.float32),
+    # separate buffers for k and v, so that the memory can be donated to a jitted function
+    kv = lambda: jnp.zeros((layers, batch, n, heads, head_dim), dtype)
+    win = lambda: jnp.zeros((layers, batch, window, n, heads, head_dim), dtype)
+    return cls(kv(), kv(), win(), win(), jnp.zeros((batch,) + tuple(latent_shape), jnp.float32),
                jnp.array(False), jnp.array(0, jnp.int32), tuple(grid), use_anchor)
 
   @property

@@ -1,0 +1,146 @@
+"""Multi-turn editing with a trained run: one compiled function per turn, the memory in and out.
+
+  session = EditSession.from_run("runs/toy/distill", source_uint8)
+  img = session.edit("make the red circle blue")      # uint8 [R,R,3]
+  session.save("s.npz"); session = EditSession.load("s.npz")
+
+`edit_turn` samples the new turn (the 4-step consistency student, or the N-step Euler teacher with
+classifier-free guidance), writes it into the AnchorMemory and decodes it. It is jitted with the
+memory donated and every shape static, so turn 2 and turn 200 run the same compiled code. The
+noise of turn i is `fold_in(key(seed), i)`: a session saved and resumed gives the same turns as
+one that never stopped.
+"""
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from anchoredit_jax.data.tokenize import tokenize
+from anchoredit_jax.editing import generate_turn, generate_turn_fast, write_turn
+from anchoredit_jax.models.model import init_memory
+from anchoredit_jax.stages.pretrain import empty_tokens
+
+EDIT_STAGES = ("causal", "distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """student: few-step consistency sampler (no CFG); teacher: Euler with CFG."""
+  kind: str = "student"
+  steps: int = 4
+  guidance: float = 1.0
+  shift: float = 3.0
+
+
+def default_sampler(cfg, teacher_steps: int = 50) -> Sampler:
+  """The distilled student for stage-3 runs, the N-step CFG teacher for stage-2 runs."""
+  if cfg.stage == "distill":
+    return Sampler("student", cfg.distill.student_steps, 1.0, cfg.flow.shift)
+  return Sampler("teacher", teacher_steps, cfg.eval.guidance, cfg.flow.shift)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("mem",))
+def start_memory(params, graphdef, mem, image):
+  """Write the source image uint8 [b,R,R,3] into an empty memory (it becomes the anchor)."""
+  model = nnx.merge(graphdef, params)
+  b = image.shape[0]
+  empty = jnp.broadcast_to(empty_tokens(model.cfg.text_len), (b, model.cfg.text_len))
+  return write_turn(model, mem, model.autoencoder.encode(image), empty)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("mem",))
+def edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
+  """One editing turn: tokens int32 [b,l] -> (image float [b,R,R,3] in [0,1], new memory)."""
+  model = nnx.merge(graphdef, params)
+  s = sampler
+  if s.kind == "student":
+    x0 = generate_turn_fast(model, mem, tokens, rng, steps=s.steps, shift=s.shift)
+  else:
+    empty = jnp.broadcast_to(empty_tokens(model.cfg.text_len), tokens.shape)
+    x0 = generate_turn(model, mem, tokens, empty, rng, steps=s.steps, guidance=s.guidance, shift=s.shift)
+  mem = write_turn(model, mem, x0, tokens)
+  return jnp.clip(model.autoencoder.decode(x0), 0.0, 1.0), mem
+
+
+def to_uint8(x):
+  return np.asarray(np.round(np.asarray(x) * 255.0), np.uint8)
+
+
+class EditSession:
+  """An editing session on one image: `.edit(instruction)`, `.history`, `.save` / `.load`."""
+
+  def __init__(self, cfg, graphdef, params, source, *, sampler=None, seed=0, window=None):
+    source = np.asarray(source)
+    res = cfg.data.res
+    if source.shape != (res, res, 3) or source.dtype != np.uint8:
+      raise ValueError(f"source image must be uint8 [{res},{res},3], got {source.dtype} {list(source.shape)}")
+    self.cfg, self.graphdef, self.params = cfg, graphdef, params
+    self.sampler = sampler or default_sampler(cfg)
+    self.seed = seed
+    window = window or cfg.causal.window
+    self.history = [("", source)]  # (instruction, uint8 image) per turn, the source first
+    mem = init_memory(cfg.model, 1, res, window, use_anchor=cfg.causal.anchor)
+    self.memory = start_memory(params, graphdef, mem, jnp.asarray(source[None]))
+
+  @classmethod
+  def from_run(cls, workdir, source, **kw):
+    from anchoredit_jax.checkpoint import load_params
+    try:
+      cfg, graphdef, params, _ = load_params(workdir)
+    except (FileNotFoundError, ValueError):
+      raise
+    except Exception as e:  # orbax/tensorstore errors when the arrays do not fit the config
+      raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+    if cfg.get("stage") not in EDIT_STAGES:
+      raise ValueError(f"{workdir} is a {cfg.get('stage')} run; editing sessions need a causal "
+                       f"(stage 2) or distill (stage 3) run")
+    return cls(cfg, graphdef, params, source, **kw)
+
+  @property
+  def turn(self) -> int:
+    return len(self.history) - 1
+
+  def tokens(self, instruction: str):
+    if not instruction.strip():
+      raise ValueError("empty instruction: say what to change, e.g. 'make the red circle blue'")
+    return jnp.asarray(tokenize(instruction, self.cfg.model.text_len)[None])
+
+  def edit(self, instruction: str) -> np.ndarray:
+    """Apply one instruction; returns the new image uint8 [R,R,3]."""
+    tokens = self.tokens(instruction)
+    rng = jax.random.fold_in(jax.random.key(self.seed), self.turn + 1)
+    image, self.memory = edit_turn(self.params, self.graphdef, self.memory, tokens, rng,
+                                   sampler=self.sampler)
+    out = to_uint8(image[0])
+    self.history.append((instruction, out))
+    return out
+
+  def save(self, path):
+    """Memory, history and sampler in one .npz (the model weights are not included)."""
+    leaves = {f"mem_{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(self.memory))}
+    meta = {"seed": self.seed, "sampler": dataclasses.asdict(self.sampler),
+            "instructions": [h[0] for h in self.history], "window": self.memory.window}
+    np.savez(path, images=np.stack([h[1] for h in self.history]), meta=json.dumps(meta), **leaves)
+
+  @classmethod
+  def load(cls, path, cfg, graphdef, params):
+    """Resume a saved session with the same run's weights."""
+    with np.load(path) as f:
+      meta = json.loads(str(f["meta"]))
+      images = f["images"]
+      leaves = [f[f"mem_{i}"] for i in range(sum(k.startswith("mem_") for k in f.files))]
+    self = cls.__new__(cls)
+    self.cfg, self.graphdef, self.params = cfg, graphdef, params
+    self.sampler, self.seed = Sampler(**meta["sampler"]), meta["seed"]
+    self.history = list(zip(meta["instructions"], images))
+    like = init_memory(cfg.model, 1, cfg.data.res, meta["window"], use_anchor=cfg.causal.anchor)
+    shapes = [a.shape for a in jax.tree.leaves(like)]
+    if shapes != [a.shape for a in leaves]:
+      raise ValueError(f"{path} was saved with another model config than this run's")
+    self.memory = jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a) for a in leaves])
+    return self

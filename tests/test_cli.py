@@ -1,0 +1,89 @@
+"""The commands users run: the three stages in order with the smoke preset, then `edit`, and the
+one-line errors of each for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+
+
+def run(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=300)
+
+
+def last_line(p):
+  return p.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Smoke stage 1 -> 2 -> 3, each started by its own command from the one before."""
+  d = tmp_path_factory.mktemp("runs")
+  s1, s2, s3 = d / "s1", d / "s2", d / "s3"
+  missing = run("anchoredit_jax.train", "--config=configs/causal.py:smoke", f"--workdir={s2}",
+                f"--config.init_from={s1}")
+  assert missing.returncode != 0 and "configs/pretrain.py:smoke" in last_line(missing)
+  p = run("anchoredit_jax.train", "--config=configs/pretrain.py:smoke", f"--workdir={s1}",
+          "--config.train.steps=3", "--config.eval.pairs=0")
+  assert p.returncode == 0, p.stderr[-2000:]
+  wrong = run("anchoredit_jax.train", "--config=configs/distill.py:smoke", f"--workdir={d / 'x'}",
+              f"--config.init_from={s1}")
+  assert wrong.returncode != 0 and "is a pretrain run" in last_line(wrong)
+  for stage, src, dst in (("causal", s1, s2), ("distill", s2, s3)):
+    p = run("anchoredit_jax.train", f"--config=configs/{stage}.py:smoke", f"--workdir={dst}",
+            f"--config.init_from={src}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"initialised from {src}" in p.stdout and '"step": 4' in p.stdout
+  return d
+
+
+@pytest.fixture
+def image(tmp_path):
+  path = tmp_path / "in.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)).save(path)
+  return path
+
+
+def test_edit_writes_every_turn_strip_and_timings(runs, image, tmp_path):
+  out = tmp_path / "out"
+  texts = ["make the red circle blue", "move the blue circle up", "remove the blue circle"]
+  p = run("anchoredit_jax.edit", f"--checkpoint={runs / 's3'}", f"--image={image}",
+          *[f"--instruction={t}" for t in texts], f"--out={out}")
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert sorted(os.listdir(out)) == ["session.json", "session.npz", "strip.png", "turn_00.png",
+                                     "turn_01.png", "turn_02.png", "turn_03.png"]
+  meta = json.loads((out / "session.json").read_text())
+  assert meta["instructions"] == texts and len(meta["turn_seconds"]) == 3
+  assert meta["sampler"]["kind"] == "student" and meta["sampler"]["steps"] == 2
+  assert Image.open(out / "strip.png").size == (4 * 128, 128 + 14)
+
+
+def test_edit_notices_and_errors(runs, image, tmp_path):
+  ck = f"--checkpoint={runs / 's3'}"
+  out = tmp_path / "out"
+  cases = [
+      ([ck, f"--image={tmp_path / 'nope.png'}", "--instruction=a"], "not found"),
+      ([ck, f"--image={ROOT}/setup.py", "--instruction=a"], "could not be read"),
+      ([ck, f"--image={image}", "--instruction= "], "instruction 1 is empty"),
+      ([ck, f"--image={image}", "--instruction=" + "x" * 100], "at most 62"),
+      ([f"--checkpoint={runs / 's1'}", f"--image={image}", "--instruction=a"], "is a pretrain run"),
+      ([f"--checkpoint={tmp_path}", f"--image={image}", "--instruction=a"], "not a training run"),
+  ]
+  for args, msg in cases:
+    p = run("anchoredit_jax.edit", *args, f"--out={out}")
+    assert p.returncode == 2 and msg in last_line(p), (args, p.stderr[-1500:])
+    assert "Traceback" not in p.stderr and not out.exists()
+  gray = tmp_path / "gray.png"
+  Image.fromarray(np.full((48, 48), 128, np.uint8)).save(gray)
+  p = run("anchoredit_jax.edit", ck, f"--image={gray}", "--instruction=make it red", f"--out={out}")
+  assert p.returncode == 0, p.stderr[-1500:]
+  assert "notice: converted L image to RGB" in p.stderr and "notice: resized 48x48" in p.stderr
+  p = run("anchoredit_jax.edit", ck, f"--image={gray}", "--instruction=again", f"--out={out}")
+  assert p.returncode == 2 and "not an empty directory" in last_line(p)
