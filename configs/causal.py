@@ -21,11 +21,12 @@ def get_config(arg=None):
   c.causal = ml_collections.ConfigDict(dict(
       self_rollout=True, p_teacher=0.2, window=2, anchor=True, full_cache=False,
       rollout_steps=4, rollout_guidance=1.0))
-  c.train.update(batch_size=8, steps=2000, minutes=0.0, eval_every=10**9)
+  c.train.update(batch_size=8, steps=2000, minutes=0.0, eval_every=500)
   c.optim.update(lr=2e-4, warmup_steps=100, end_lr=2e-5)
-  c.eval.pairs = 0  # multi-turn evaluation comes with the benchmark (issue 4)
+  c.eval.pairs = 64  # held-out sessions of num_turns edits, each turn from the model's own context
   if p == "smoke":
     c.data.num_turns = 3
     c.causal.update(window=1, rollout_steps=2)
     c.train.update(batch_size=4, steps=4)
+    c.eval.update(pairs=4, batch_size=4)
   return c

@@ -41,6 +41,8 @@ def runs(tmp_path_factory):
             f"--config.init_from={src}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"initialised from {src}" in p.stdout and '"step": 4' in p.stdout
+    summary = json.loads(p.stdout.strip().splitlines()[-1])  # multi-turn held-out evaluation
+    assert 0.0 <= summary["success_turn3"] <= 1.0 and summary["identity_psnr_turn1"] > 0
   return d
 
 

@@ -44,7 +44,9 @@ class ByteTextEncoder(nnx.Module):
 
   def __init__(self, *, dim, layers, heads, max_len, rngs):
     self.dim, self.max_len = dim, max_len
-    self.embed = param(rngs, nnx.initializers.normal(0.02), (VOCAB_SIZE, dim), (sh.VOCAB, sh.EMBED))
+    # unit-variance bytes: at 0.02 a byte's embedding was ~1/30 of the sin-cos position added to
+    # it, and the toy model took most of its hour to learn to read colour and place words
+    self.embed = param(rngs, nnx.initializers.normal(1.0), (VOCAB_SIZE, dim), (sh.VOCAB, sh.EMBED))
     self.layers = nnx.List([_EncoderLayer(dim, heads, rngs=rngs) for _ in range(layers)])
     self.norm = LayerNorm(dim, rngs=rngs)
 

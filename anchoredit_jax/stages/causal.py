@@ -14,10 +14,12 @@ re-indexing of AnchorMemory is trained exactly as it is used.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from anchoredit_jax import flow
 from anchoredit_jax.editing import generate_turn, turn_velocity, write_turn
+from anchoredit_jax.eval import metrics
 from anchoredit_jax.models.model import init_memory
 from anchoredit_jax.stages.pretrain import edit_weighted_loss, empty_tokens
 
@@ -91,3 +93,36 @@ def loss_fn(params, graphdef, batch, rng, cfg):
   losses = rollout_losses(params, graphdef, batch, rng, cfg)
   loss = jnp.mean(losses)
   return loss, {"loss": loss, "loss_first_turn": losses[0], "loss_last_turn": losses[-1]}
+
+
+def evaluate(params, graphdef, cfg, seqs, rng):
+  """Held-out multi-turn sessions, each turn generated from the model's own earlier turns (the
+  stage-3 student with its few-step sampler, a stage-2 model with the Euler-CFG sampler of
+  cfg.eval). seqs: images uint8 [N,K+1,R,R,3], tokens [N,K,l], edit_masks and identity_masks
+  [N,K,R,R]. Returns means over sequences and turns, and per-turn success / identity PSNR (pixels
+  never edited since the source, against the source)."""
+  from anchoredit_jax import inference  # deferred: inference imports this package's stages
+  sampler = inference.default_sampler(cfg, teacher_steps=cfg.eval.steps)
+  K, rows = seqs["tokens"].shape[1], []
+  for i in range(0, len(seqs["images"]), cfg.eval.batch_size):
+    sl = slice(i, i + cfg.eval.batch_size)
+    imgs = seqs["images"][sl]
+    mem = init_memory(cfg.model, len(imgs), imgs.shape[2], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
+    mem = inference.start_memory(params, graphdef, mem, jnp.asarray(imgs[:, 0]))
+    src = jnp.asarray(imgs[:, 0], jnp.float32) / 255.0
+    per_turn = []
+    for k in range(K):
+      pred, mem = inference.edit_turn(params, graphdef, mem, jnp.asarray(seqs["tokens"][sl, k]),
+                                      jax.random.fold_in(rng, i * K + k), sampler=sampler)
+      target = jnp.asarray(imgs[:, k + 1], jnp.float32) / 255.0
+      m = metrics.edit_metrics(pred, target, jnp.asarray(seqs["edit_masks"][sl, k]))
+      ident = jnp.asarray(seqs["identity_masks"][sl, k])
+      m["identity_psnr"] = metrics.psnr_from_mse(metrics.masked_mse(pred, src, ident))
+      per_turn.append(jax.device_get(m))
+    rows.append({key: np.stack([t[key] for t in per_turn], 1) for key in per_turn[0]})  # [b,K]
+  m = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
+  result = {key: float(v.mean()) for key, v in m.items()}
+  for k in range(K):
+    result[f"success_turn{k + 1}"] = float(m["success"][:, k].mean())
+    result[f"identity_psnr_turn{k + 1}"] = float(m["identity_psnr"][:, k].mean())
+  return result

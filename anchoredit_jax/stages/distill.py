@@ -22,10 +22,11 @@ from flax import nnx
 
 from anchoredit_jax import flow
 from anchoredit_jax.editing import generate_turn_fast, turn_velocity, write_turn
-from anchoredit_jax.stages.causal import rollout_context, rollout_inputs, run_turns
+from anchoredit_jax.stages.causal import evaluate, rollout_context, rollout_inputs, run_turns
 from anchoredit_jax.stages.pretrain import weighted_mse
 
 ROLES = ("student", "ema", "teacher")
+__all__ = ["evaluate", "init_aux", "loss_fn", "update_aux"]  # evaluate: multi-turn, as stage 2
 
 
 def init_aux(params, cfg):
