@@ -33,6 +33,8 @@ setup(
     install_requires=[
         "jax>=0.10,<0.13",
         "jaxlib>=0.10,<0.13",
+        # flax 0.12.8 fails to import under jax 0.11 (jax.experimental.hijax changed); flax
+        # 0.12.12 (needs jax >= 0.11.1) passes the whole suite there. pip picks a matching pair.
         "flax>=0.12,<0.13",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
