@@ -40,3 +40,18 @@ def test_known_shift_hurts_preserved_region():
 def test_dilate():
   mask = jnp.zeros((1, 5, 5), bool).at[:, 2, 2].set(True)
   assert int(metrics.dilate(mask).sum()) == 9
+
+
+def test_ssim_matches_scikit_image_and_orders_distortions():
+  from skimage.metrics import structural_similarity
+  rng = np.random.default_rng(0)
+  a = rng.random((2, 32, 32, 3)).astype(np.float32)
+  noisy = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1).astype(np.float32)
+  ours = np.asarray(metrics.ssim(jnp.asarray(a), jnp.asarray(noisy)))
+  ref = [structural_similarity(a[i], noisy[i], channel_axis=-1, data_range=1.0,
+                               gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+         for i in range(2)]
+  np.testing.assert_allclose(ours, ref, rtol=1e-4)
+  np.testing.assert_allclose(metrics.ssim(jnp.asarray(a), jnp.asarray(a)), 1.0, rtol=1e-5)
+  worse = np.clip(a + 0.3 * rng.standard_normal(a.shape), 0, 1).astype(np.float32)
+  assert np.all(np.asarray(metrics.ssim(jnp.asarray(a), jnp.asarray(worse))) < ours)
