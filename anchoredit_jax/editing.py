@@ -12,13 +12,25 @@ import jax.numpy as jnp
 from anchoredit_jax import flow
 
 
-def turn_velocity(model, mem, x, t, tokens):
-  """Velocity of one new turn: x [b,H,W,C] at time t [b], tokens [b,l] -> (v, kv [L,b,n,h,k])."""
+def turn_velocity(model, mem, x, t, tokens, *, copies: int = 1):
+  """Velocity of one new turn: x [b,H,W,C] at time t [b], tokens [b,l] -> (v, kv [L,b,n,h,k]).
+  With copies = c, x/t/tokens hold c stacked groups of the memory's batch (e.g. conditional and
+  unconditional inputs for CFG), all read against the same memory in one forward pass."""
   b = x.shape[0]
   pos = jnp.broadcast_to(mem.next_turn_pos(), (b, 1))
-  cond = mem.cond()[:, None] if model.cfg.concat_prev else None
-  v, kv = model(x[:, None], t[:, None], tokens[:, None], pos, cond=cond, context=mem.context())
+  tile = lambda a, axis: jnp.concatenate([a] * copies, axis=axis) if copies > 1 else a
+  cond = tile(mem.cond(), 0)[:, None] if model.cfg.concat_prev else None
+  k, v, p, valid = mem.context()
+  ctx = (tile(k, 1), tile(v, 1), tile(p, 0), tile(valid, 0))
+  v, kv = model(x[:, None], t[:, None], tokens[:, None], pos, cond=cond, context=ctx)
   return v[:, 0], kv
+
+
+def guided_velocity(model, mem, x, t, tokens, uncond):
+  """(conditional, unconditional) velocities [b,H,W,C] in one batched forward pass."""
+  two = lambda a: jnp.concatenate([a, a], axis=0)
+  v = turn_velocity(model, mem, two(x), two(t), jnp.concatenate([tokens, uncond], 0), copies=2)[0]
+  return v[:x.shape[0]], v[x.shape[0]:]
 
 
 def write_turn(model, mem, x0, tokens):
@@ -35,9 +47,7 @@ def generate_turn(model, mem, tokens, uncond, rng, *, steps, guidance, shift):
     tb = jnp.full((x.shape[0],), t)
     if not guided:
       return turn_velocity(model, mem, x, tb, tokens)[0]
-    v_c = turn_velocity(model, mem, x, tb, tokens)[0]
-    v_u = turn_velocity(model, mem, x, tb, uncond)[0]
-    return v_c, v_u
+    return guided_velocity(model, mem, x, tb, tokens, uncond)
 
   return flow.euler_sample(velocity_fn, jax.random.normal(rng, shape), steps=steps, shift=shift,
                            guidance=guidance)

@@ -83,3 +83,21 @@ def test_distill_step_trains_the_student_moves_the_ema_and_freezes_the_teacher()
     np.testing.assert_allclose(e1, d * e0 + (1 - d) * p1, rtol=1e-5, atol=1e-7)
     moved += int(not np.array_equal(e0, e1))
   assert moved > 0
+
+
+def test_guided_velocity_equals_two_separate_passes():
+  from flax import nnx
+  from anchoredit_jax.editing import guided_velocity, turn_velocity, write_turn
+  from anchoredit_jax.models.model import init_memory
+  cfg, graphdef, params, batch = _setup()
+  model = nnx.merge(graphdef, params)
+  lat = model.autoencoder.encode(batch["images"])
+  toks, empty = batch["tokens"][:, 0], batch["tokens"][:, 1]
+  mem = init_memory(model.cfg, 2, 32, 2)
+  for k in range(2):  # anchor + one window turn, so the context is not empty
+    mem = write_turn(model, mem, lat[:, k], toks)
+  x, t = lat[:, 2], jnp.array([0.3, 0.8])
+  v_c, v_u = guided_velocity(model, mem, x, t, toks, empty)
+  np.testing.assert_allclose(v_c, turn_velocity(model, mem, x, t, toks)[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(v_u, turn_velocity(model, mem, x, t, empty)[0], rtol=1e-4, atol=1e-5)
+  assert not np.allclose(v_c, v_u)

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from anchoredit_jax import flow
-from anchoredit_jax.editing import generate_turn_fast, turn_velocity, write_turn
+from anchoredit_jax.editing import generate_turn_fast, guided_velocity, turn_velocity, write_turn
 from anchoredit_jax.stages.causal import evaluate, rollout_context, rollout_inputs, run_turns
 from anchoredit_jax.stages.pretrain import weighted_mse
 
@@ -70,8 +70,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
     n = jax.random.randint(r_n, (b,), 0, d.intervals)
     t_hi, t_lo = grid[n + 1], grid[n]
     x_hi = flow.add_noise(x_gt, jax.random.normal(r_noise, x_gt.shape), t_hi)
-    v_c = turn_velocity(models["teacher"], mems["teacher"], x_hi, t_hi, tokens)[0]
-    v_u = turn_velocity(models["teacher"], mems["teacher"], x_hi, t_hi, empty)[0]
+    v_c, v_u = guided_velocity(models["teacher"], mems["teacher"], x_hi, t_hi, tokens, empty)
     v = v_u + d.guidance * (v_c - v_u)
     x_lo = x_hi + (t_lo - t_hi)[:, None, None, None] * v
     target = jax.lax.stop_gradient(consistency_x0(models["ema"], mems["ema"], x_lo, t_lo, tokens))
