@@ -1,0 +1,68 @@
+"""Model FLOPs counted from the architecture (multiply-adds x 2), to check XLA's cost_analysis
+and to put a FLOP floor beside measured times. Attention is counted dense, as XLA computes it
+(block-causal masks do not remove work).
+
+Letters: n tokens per turn, T turns computed, m memory tokens attended to, l text tokens.
+"""
+
+
+def text_forward(cfg, sequences: int) -> float:
+  """Byte-level text encoder over `sequences` instructions of cfg.text_len tokens."""
+  d, l = cfg.text_dim, cfg.text_len
+  per_layer = 2 * l * d * (3 * d + d + 2 * 4 * d) + 2 * 2 * l * l * d
+  return float(sequences * cfg.text_layers * per_layer)
+
+
+def dit_forward(cfg, *, n: int, turns: int = 1, memory: int = 0, latent_channels: int = 3) -> float:
+  """One CausalDiT forward pass over `turns` turns of n tokens each (one batch element)."""
+  d, f, l, p = cfg.dim, cfg.ffn_dim, cfg.text_len, cfg.patch
+  N = turns * n
+  in_ch = latent_channels * (2 if cfg.concat_prev else 1) + (1 if cfg.concat_prev else 0)
+  self_attn = 2 * N * d * 4 * d + 2 * 2 * N * (N + memory) * d
+  cross = 2 * N * d * 2 * d + 2 * turns * l * d * 2 * d + 2 * 2 * N * l * d
+  ffn = 2 * 2 * N * d * f
+  blocks = cfg.layers * (self_attn + cross + ffn)
+  io = 2 * N * d * p * p * (in_ch + latent_channels)          # patch embedding + head
+  text_proj = 2 * turns * l * (cfg.text_dim * d + d * d)     # text_embed MLP
+  time = 2 * turns * (cfg.freq_dim * d + d * d + d * 6 * d)  # time MLP + shared adaLN projection
+  return float(blocks + io + text_proj + time)
+
+
+def pretrain_step(cfg, batch: int, res: int) -> float:
+  """Stage-1 train step (forward + backward = 3 forwards) of `batch` single-turn examples."""
+  from anchoredit_jax.models.model import latent_channels
+  n = (res // cfg.ae_factor // cfg.patch) ** 2
+  turns = 2 if cfg.source_context else 1
+  fwd = batch * (dit_forward(cfg, n=n, turns=turns, latent_channels=latent_channels(cfg))
+                 + text_forward(cfg, turns))
+  return 3.0 * fwd
+
+
+def turn_forward(cfg, res: int, window: int) -> float:
+  """One model call on one new turn reading an AnchorMemory of (window + 1) turns (computed
+  dense, valid or not), text encoder included."""
+  from anchoredit_jax.models.model import latent_channels
+  n = (res // cfg.ae_factor // cfg.patch) ** 2
+  return (dit_forward(cfg, n=n, memory=(window + 1) * n, latent_channels=latent_channels(cfg))
+          + text_forward(cfg, 1))
+
+
+def causal_step(cfg, batch: int) -> float:
+  """Stage-2 step: per sequence a source write, then per edit turn the self-rollout sampler
+  (no gradient), the loss forward + backward (3 forwards) and a memory write."""
+  c, K = cfg.causal, cfg.data.num_turns
+  window = K + 1 if c.full_cache else c.window
+  f = turn_forward(cfg.model, cfg.data.res, window)
+  gen = c.rollout_steps * (2 if c.rollout_guidance != 1.0 else 1) if c.self_rollout else 0
+  return float(batch * f * (1 + K * (gen + 3 + 1)))
+
+
+def distill_step(cfg, batch: int) -> float:
+  """Stage-3 step: three source writes (student, EMA, teacher), then per edit turn the student's
+  few-step rollout, the teacher's guided step (2 in one batched call), the EMA target, the
+  student forward + backward and three memory writes."""
+  c, K = cfg.causal, cfg.data.num_turns
+  window = K + 1 if c.full_cache else c.window
+  f = turn_forward(cfg.model, cfg.data.res, window)
+  gen = cfg.distill.student_steps if c.self_rollout else 0
+  return float(batch * f * (3 + K * (gen + 2 + 1 + 3 + 3)))

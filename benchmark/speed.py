@@ -1,0 +1,237 @@
+"""Speed against this machine's own limit: measured matmul peak, train-step MFU per stage, and
+per-turn editing latency and memory against the turn number.
+
+  python -m benchmark.speed [--presets toy] [--stages pretrain,causal,distill] [--turns 32]
+
+One run measures everything side by side: every MFU is against the peak measured in the same run
+(median of repeated large matmuls in float32, the dtype the model computes in). Training FLOPs
+are counted from the architecture and the stage's schedule of model calls
+(anchoredit_jax/flops.py); XLA's cost_analysis of the compiled step is printed beside them, but it
+counts the body of each lax.scan (layers, turns) once, so it undercounts. Editing variants at turn t:
+  anchor  AnchorEdit memory (anchor + window W): one compiled function for every turn;
+  full    a cache of every earlier turn (window = t, so it grows; recompiled per size);
+  bidir   full attention over the whole history, re-run at every denoising step of every turn.
+All use the 4-step student sampler with random toy weights (timing does not depend on the values).
+Writes JSON and a latency/memory plot under --out; prints a table last.
+"""
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from anchoredit_jax import flops, flow, sharding as sh
+from anchoredit_jax.data.tokenize import tokenize
+from anchoredit_jax.inference import EditSession, Sampler
+from anchoredit_jax.models.model import build, prev_cond
+
+INSTRUCTION = "make the red circle blue"
+
+
+def median_time(fn, reps):
+  fn()  # warm-up / compile
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def matmul_peak(n, reps=10, dtype=jnp.float32):
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  return 2.0 * n ** 3 / median_time(lambda: f(a, b), reps)
+
+
+def stage_config(stage, preset):
+  import importlib
+  return importlib.import_module(f"configs.{stage}").get_config(preset)
+
+
+def train_step(stage, preset, peak, reps):
+  from anchoredit_jax.train import Trainer, make_data
+  cfg = stage_config(stage, preset)
+  cfg.mesh = dict(data=len(jax.devices()), fsdp=1, tensor=1)
+  tr = Trainer(cfg)
+  state = tr.init_state(jax.random.key(0))
+  it = iter(make_data(cfg))
+  batch = next(it)
+  with sh.use_mesh(tr.mesh, tr.rules):
+    compiled = tr.step_fn.lower(state, tr.put_batch(batch), jax.random.key(1)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  holder = [state]
+
+  def one():
+    holder[0], m = tr.step(holder[0], batch, jax.random.key(1))
+    return m
+
+  t = median_time(one, reps)
+  xla = float(cost.get("flops", float("nan")))
+  row = {"stage": stage, "preset": preset, "batch": cfg.train.batch_size, "step_s": t,
+         "flops_xla": xla,
+         "memory_bytes": None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes)}
+  b = cfg.train.batch_size
+  row["flops_model"] = {"pretrain": lambda: flops.pretrain_step(cfg.model, b, cfg.data.res),
+                        "causal": lambda: flops.causal_step(cfg, b),
+                        "distill": lambda: flops.distill_step(cfg, b)}[stage]()
+  row["mfu"] = row["flops_model"] / t / peak
+  return row
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "shift"))
+def bidirectional_turn(params, graphdef, history, history_tokens, tokens, rng, *, steps, shift):
+  """A new turn from a full-attention re-run over every earlier turn at every denoising step.
+  history [b,t,H,W,C] clean latents (the source first), history_tokens [b,t,l], tokens [b,l]."""
+  model = nnx.merge(graphdef, params)
+  b, t = history.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(t + 1), (b, t + 1))
+  toks = jnp.concatenate([history_tokens, tokens[:, None]], 1)
+
+  def x0_fn(x, time_):
+    xs = jnp.concatenate([history, x[:, None]], 1)
+    ts = jnp.concatenate([jnp.zeros((b, t)), jnp.full((b, 1), time_)], 1)
+    cond = prev_cond(xs) if model.cfg.concat_prev else None
+    v = model(xs, ts, toks, pos, cond=cond, causal=False)[0][:, -1]
+    return x - time_ * v
+
+  r0, r1 = jax.random.split(rng)
+  return flow.consistency_sample(x0_fn, jax.random.normal(r0, history.shape[:1] + history.shape[2:]),
+                                 r1, steps=steps, shift=shift)
+
+
+def editing(turn_list, reps, teacher_steps):
+  from configs import distill
+  cfg = distill.get_config("toy")
+  graphdef, params = nnx.split(build(cfg.model, nnx.Rngs(0)))
+  res = cfg.data.res
+  src = np.asarray(jax.random.randint(jax.random.key(1), (res, res, 3), 0, 256), np.uint8)
+  student = Sampler("student", cfg.distill.student_steps, 1.0, cfg.flow.shift)
+  nbytes = lambda tree: int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))
+  T = max(turn_list)
+  rows = {"anchor": [], "full": [], "bidir": []}
+
+  def session_turn_times(window, upto):
+    s = EditSession(cfg, graphdef, params, src, sampler=student, window=window)
+    out = []
+    for _ in range(upto):
+      t0 = time.perf_counter()
+      jax.block_until_ready(s.edit(INSTRUCTION))
+      out.append(time.perf_counter() - t0)
+    return out, nbytes(s.memory)
+
+  session_turn_times(cfg.causal.window, 2)  # compile
+  runs = [session_turn_times(cfg.causal.window, T) for _ in range(reps)]
+  per_turn = np.median(np.array([r[0] for r in runs]), axis=0)
+  for t in turn_list:
+    rows["anchor"].append({"turn": t, "s": float(per_turn[t - 1]), "state_bytes": runs[0][1]})
+  for t in turn_list:  # full cache: a memory with exactly t - 1 earlier edits + the anchor
+    session_turn_times(t, t)  # compile for this size
+    times = [session_turn_times(t, t) for _ in range(reps)]
+    rows["full"].append({"turn": t, "s": float(np.median([x[0][-1] for x in times])),
+                         "state_bytes": times[0][1]})
+  model = nnx.merge(graphdef, params)
+  lat = model.autoencoder.encode(jnp.asarray(src[None]))
+  tok = jnp.asarray(tokenize(INSTRUCTION, cfg.model.text_len)[None])
+  for t in turn_list:  # bidirectional: the source and t - 1 earlier turns, all re-run
+    hist = jnp.broadcast_to(lat[:, None], (1, t) + lat.shape[1:])
+    htok = jnp.broadcast_to(tok[:, None], (1, t, tok.shape[-1]))
+    f = lambda: bidirectional_turn(params, graphdef, hist, htok, tok, jax.random.key(t),
+                                   steps=student.steps, shift=student.shift)
+    rows["bidir"].append({"turn": t, "s": median_time(f, reps), "state_bytes": nbytes(hist)})
+  s = EditSession(cfg, graphdef, params, src, sampler=Sampler("teacher", teacher_steps,
+                                                              cfg.eval.guidance, cfg.flow.shift))
+  teacher = median_time(lambda: s.edit(INSTRUCTION), max(2, reps // 2))
+  # FLOP floor of one 4-step AnchorEdit turn: 4 sampler passes + 1 memory write, each a forward of
+  # one turn attending to (W + 1) memory turns, plus the text encoder once per pass.
+  n = (res // cfg.model.patch) ** 2
+  one = flops.dit_forward(cfg.model, n=n, memory=(cfg.causal.window + 1) * n) + flops.text_forward(cfg.model, 1)
+  return rows, {"teacher_turn_s": teacher, "teacher_steps": teacher_steps,
+                "student_turn_s": float(np.median(per_turn)), "turn_flops": 5 * one}
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+  for name, rs in rows.items():
+    t = [r["turn"] for r in rs]
+    ax[0].plot(t, [r["s"] * 1e3 for r in rs], "o-", label=name)
+    ax[1].plot(t, [r["state_bytes"] / 2 ** 20 for r in rs], "o-", label=name)
+  ax[0].set(xlabel="turn", ylabel="ms per turn (4-step)", title="latency")
+  ax[1].set(xlabel="turn", ylabel="MiB", title="state carried between turns")
+  for a in ax:
+    a.legend()
+    a.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--presets", default="toy")
+  ap.add_argument("--stages", default="pretrain,causal,distill")
+  ap.add_argument("--turns", default="1,2,4,8,16,24,32", help="turns to time in the editing part")
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--teacher-steps", type=int, default=50)
+  ap.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
+  ap.add_argument("--out", default="benchmark/results/speed")
+  ap.add_argument("--skip-editing", action="store_true")
+  args = ap.parse_args(argv)
+  dev = jax.devices()[0]
+  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {len(jax.devices())} x {dev.device_kind} "
+        f"({dev.platform}), jax {jax.__version__}")
+  print("command: python -m benchmark.speed " + " ".join(sys.argv[1:] if argv is None else argv))
+  n = args.matmul or (2048 if dev.platform == "cpu" else 8192)
+  peak = matmul_peak(n)
+  print(f"peak: {peak / 1e9:.1f} GFLOP/s float32 ({n}x{n} matmul, median)", flush=True)
+  result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+            "peak_flops": peak, "train": [], "editing": None}
+  for preset in args.presets.split(","):
+    for stage in args.stages.split(","):
+      row = train_step(stage, preset, peak, args.reps)
+      result["train"].append(row)
+      print(f"train {stage}/{preset}: {row['step_s'] * 1e3:.1f} ms/step, MFU {row['mfu']:.1%}", flush=True)
+  if not args.skip_editing:
+    rows, extra = editing([int(t) for t in args.turns.split(",")], args.reps, args.teacher_steps)
+    result["editing"] = {"rows": rows, **extra, "turn_floor_s": extra["turn_flops"] / peak}
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "speed.json"), "w") as f:
+    json.dump(result, f, indent=2)
+
+  print("\n| stage / preset | batch | ms / step | XLA GFLOP / step | model GFLOP / step | MFU | memory MiB |")
+  print("|---|---|---|---|---|---|---|")
+  for r in result["train"]:
+    model = f"{r['flops_model'] / 1e9:.2f}"
+    mem = f"{r['memory_bytes'] / 2 ** 20:.0f}" if r["memory_bytes"] else "-"
+    print(f"| {r['stage']} / {r['preset']} | {r['batch']} | {r['step_s'] * 1e3:.1f} | "
+          f"{r['flops_xla'] / 1e9:.2f} | {model} | {r['mfu']:.1%} | {mem} |")
+  if result["editing"]:
+    e = result["editing"]
+    plot(e["rows"], os.path.join(args.out, "editing.png"))
+    turns = [r["turn"] for r in e["rows"]["anchor"]]
+    print("\n| variant | " + " | ".join(f"turn {t}" for t in turns) + " |")
+    print("|---|" + "---|" * len(turns))
+    for name, rs in e["rows"].items():
+      print(f"| {name} ms | " + " | ".join(f"{r['s'] * 1e3:.1f}" for r in rs) + " |")
+      print(f"| {name} state KiB | " + " | ".join(f"{r['state_bytes'] / 1024:.0f}" for r in rs) + " |")
+    print(f"\n4-step turn: {e['student_turn_s'] * 1e3:.1f} ms measured, FLOP floor "
+          f"{e['turn_floor_s'] * 1e3:.2f} ms ({e['student_turn_s'] / e['turn_floor_s']:.1f}x the floor); "
+          f"{e['teacher_steps']}-step CFG teacher {e['teacher_turn_s'] * 1e3:.1f} ms "
+          f"({e['teacher_turn_s'] / e['student_turn_s']:.1f}x the student)")
+  print(f"json: {os.path.join(args.out, 'speed.json')}")
+
+
+if __name__ == "__main__":
+  main()
