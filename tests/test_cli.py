@@ -43,6 +43,9 @@ def runs(tmp_path_factory):
     assert f"initialised from {src}" in p.stdout and '"step": 4' in p.stdout
     summary = json.loads(p.stdout.strip().splitlines()[-1])  # multi-turn held-out evaluation
     assert 0.0 <= summary["success_turn3"] <= 1.0 and summary["identity_psnr_turn1"] > 0
+  more = run("anchoredit_jax.train", "--config=configs/distill.py:smoke", f"--workdir={s3}",
+             f"--config.init_from={s2}", "--config.train.steps=6")  # resumes, EMA and teacher too
+  assert more.returncode == 0 and "resuming" in more.stdout and '"step": 6' in more.stdout, more.stderr[-2000:]
   return d
 
 
