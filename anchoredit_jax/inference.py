@@ -91,7 +91,7 @@ class EditSession:
     from anchoredit_jax.checkpoint import load_params
     try:
       cfg, graphdef, params, _ = load_params(workdir)
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
       raise
     except Exception as e:  # orbax/tensorstore errors when the arrays do not fit the config
       raise ValueError(f"the checkpoint in {workdir} does not match its config.json "

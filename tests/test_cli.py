@@ -2,6 +2,7 @@
 one-line errors of each for bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,14 @@ def test_edit_notices_and_errors(runs, image, tmp_path):
     p = run("anchoredit_jax.edit", *args, f"--out={out}")
     assert p.returncode == 2 and msg in last_line(p), (args, p.stderr[-1500:])
     assert "Traceback" not in p.stderr and not out.exists()
+  other = tmp_path / "other"  # a run whose config.json no longer matches its checkpoint
+  shutil.copytree(runs / "s3", other)
+  cfg = json.loads((other / "config.json").read_text())
+  cfg["model"]["dim"] *= 2
+  (other / "config.json").write_text(json.dumps(cfg))
+  p = run("anchoredit_jax.edit", f"--checkpoint={other}", f"--image={image}", "--instruction=a", f"--out={out}")
+  assert p.returncode == 2 and "does not match its config.json" in last_line(p), p.stderr[-1500:]
+  assert not out.exists()
   gray = tmp_path / "gray.png"
   Image.fromarray(np.full((48, 48), 128, np.uint8)).save(gray)
   p = run("anchoredit_jax.edit", ck, f"--image={gray}", "--instruction=make it red", f"--out={out}")
