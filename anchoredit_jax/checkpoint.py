@@ -27,12 +27,14 @@ def load_params(workdir, step=None):
 
   cfg = load_config(workdir)
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints yet")
-  tr = Trainer(cfg, sh.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        tr.abstract_state, tr.state_sh)
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-  mngr.close()
+  try:  # closed on failure too: a manager left open prints a traceback at interpreter exit
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints yet")
+    tr = Trainer(cfg, sh.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          tr.abstract_state, tr.state_sh)
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    mngr.close()
   return cfg, tr.graphdef, state["params"], step

@@ -131,8 +131,11 @@ def main(argv=None):
   try:
     run(args)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # os._exit, not sys.exit: after a failed restore, orbax's background threads print tracebacks
+    # at interpreter shutdown, burying the one-line error. Nothing is left to clean up here.
+    os._exit(2)
 
 
 if __name__ == "__main__":
