@@ -92,7 +92,8 @@ def test_edit_notices_and_errors(runs, image, tmp_path):
   cfg["model"]["dim"] *= 2
   (other / "config.json").write_text(json.dumps(cfg))
   p = run("anchoredit_jax.edit", f"--checkpoint={other}", f"--image={image}", "--instruction=a", f"--out={out}")
-  assert p.returncode == 2 and "does not match its config.json" in last_line(p), p.stderr[-1500:]
+  # orbax's restore threads may still print after a failed restore; the error line is there
+  assert p.returncode == 2 and "error: the checkpoint" in p.stderr and "does not match its config.json" in p.stderr
   assert not out.exists()
   gray = tmp_path / "gray.png"
   Image.fromarray(np.full((48, 48), 128, np.uint8)).save(gray)
