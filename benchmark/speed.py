@@ -31,6 +31,7 @@ from anchoredit_jax import flops, flow, sharding as sh
 from anchoredit_jax.data.tokenize import tokenize
 from anchoredit_jax.inference import EditSession, Sampler
 from anchoredit_jax.models.model import build, prev_cond
+from benchmark.edit_latency import tree_bytes
 
 INSTRUCTION = "make the red circle blue"
 
@@ -117,7 +118,6 @@ def editing(turn_list, reps, teacher_steps):
   res = cfg.data.res
   src = np.asarray(jax.random.randint(jax.random.key(1), (res, res, 3), 0, 256), np.uint8)
   student = Sampler("student", cfg.distill.student_steps, 1.0, cfg.flow.shift)
-  nbytes = lambda tree: int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))
   T = max(turn_list)
   rows = {"anchor": [], "full": [], "bidir": []}
 
@@ -128,7 +128,7 @@ def editing(turn_list, reps, teacher_steps):
       t0 = time.perf_counter()
       jax.block_until_ready(s.edit(INSTRUCTION))
       out.append(time.perf_counter() - t0)
-    return out, nbytes(s.memory)
+    return out, tree_bytes(s.memory)
 
   session_turn_times(cfg.causal.window, 2)  # compile
   runs = [session_turn_times(cfg.causal.window, T) for _ in range(reps)]
@@ -148,7 +148,7 @@ def editing(turn_list, reps, teacher_steps):
     htok = jnp.broadcast_to(tok[:, None], (1, t, tok.shape[-1]))
     f = lambda: bidirectional_turn(params, graphdef, hist, htok, tok, jax.random.key(t),
                                    steps=student.steps, shift=student.shift)
-    rows["bidir"].append({"turn": t, "s": median_time(f, reps), "state_bytes": nbytes(hist)})
+    rows["bidir"].append({"turn": t, "s": median_time(f, reps), "state_bytes": tree_bytes(hist)})
   s = EditSession(cfg, graphdef, params, src, sampler=Sampler("teacher", teacher_steps,
                                                               cfg.eval.guidance, cfg.flow.shift))
   teacher = median_time(lambda: s.edit(INSTRUCTION), max(2, reps // 2))
