@@ -39,30 +39,37 @@ def pretrain_step(cfg, batch: int, res: int) -> float:
 
 
 def turn_forward(cfg, res: int, window: int) -> float:
-  """One model call on one new turn reading an AnchorMemory of (window + 1) turns (computed
-  dense, valid or not), text encoder included."""
+  """One DiT call on one new turn reading an AnchorMemory of (window + 1) turns (computed dense,
+  valid or not). The instruction is encoded once per turn and counted apart (text_forward)."""
   from anchoredit_jax.models.model import latent_channels
   n = (res // cfg.ae_factor // cfg.patch) ** 2
-  return (dit_forward(cfg, n=n, memory=(window + 1) * n, latent_channels=latent_channels(cfg))
-          + text_forward(cfg, 1))
+  return dit_forward(cfg, n=n, memory=(window + 1) * n, latent_channels=latent_channels(cfg))
+
+
+def edit_turn(cfg, res: int, window: int, steps: int) -> float:
+  """One inference turn of the few-step student: `steps` sampler passes and the memory write,
+  the instruction encoded once."""
+  return (steps + 1) * turn_forward(cfg, res, window) + text_forward(cfg, 1)
 
 
 def causal_step(cfg, batch: int) -> float:
   """Stage-2 step: per sequence a source write, then per edit turn the self-rollout sampler
-  (no gradient), the loss forward + backward (3 forwards) and a memory write."""
+  (no gradient), the loss forward + backward (3 forwards) and a memory write. Text: the empty
+  instruction once, each turn's instruction once (forward + backward)."""
   c, K = cfg.causal, cfg.data.num_turns
   window = K + 1 if c.full_cache else c.window
   f = turn_forward(cfg.model, cfg.data.res, window)
   gen = c.rollout_steps * (2 if c.rollout_guidance != 1.0 else 1) if c.self_rollout else 0
-  return float(batch * f * (1 + K * (gen + 3 + 1)))
+  return float(batch * (f * (1 + K * (gen + 3 + 1)) + text_forward(cfg.model, 1 + 3 * K)))
 
 
 def distill_step(cfg, batch: int) -> float:
   """Stage-3 step: three source writes (student, EMA, teacher), then per edit turn the student's
   few-step rollout, the teacher's guided step (2 in one batched call), the EMA target, the
-  student forward + backward and three memory writes."""
+  student forward + backward and three memory writes. Text: each model encodes the empty
+  instruction once and each turn's once (the student's with its backward)."""
   c, K = cfg.causal, cfg.data.num_turns
   window = K + 1 if c.full_cache else c.window
   f = turn_forward(cfg.model, cfg.data.res, window)
   gen = cfg.distill.student_steps if c.self_rollout else 0
-  return float(batch * f * (3 + K * (gen + 2 + 1 + 3 + 3)))
+  return float(batch * (f * (3 + K * (gen + 2 + 1 + 3 + 3)) + text_forward(cfg.model, 3 + 5 * K)))

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax.data.tokenize import tokenize
-from anchoredit_jax.editing import generate_turn, generate_turn_fast, write_turn
+from anchoredit_jax.editing import encode, generate_turn, generate_turn_fast, write_turn
 from anchoredit_jax.models.model import init_memory
 from anchoredit_jax.stages.pretrain import empty_tokens
 
@@ -49,7 +49,7 @@ def start_memory(params, graphdef, mem, image):
   model = nnx.merge(graphdef, params)
   b = image.shape[0]
   empty = jnp.broadcast_to(empty_tokens(model.cfg.text_len), (b, model.cfg.text_len))
-  return write_turn(model, mem, model.autoencoder.encode(image), empty)
+  return write_turn(model, mem, model.autoencoder.encode(image), encode(model, empty))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("mem",))
@@ -57,12 +57,13 @@ def edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
   """One editing turn: tokens int32 [b,l] -> (image float [b,R,R,3] in [0,1], new memory)."""
   model = nnx.merge(graphdef, params)
   s = sampler
+  text = encode(model, tokens)  # once per turn, shared by every sampler step and the write
   if s.kind == "student":
-    x0 = generate_turn_fast(model, mem, tokens, rng, steps=s.steps, shift=s.shift)
+    x0 = generate_turn_fast(model, mem, text, rng, steps=s.steps, shift=s.shift)
   else:
-    empty = jnp.broadcast_to(empty_tokens(model.cfg.text_len), tokens.shape)
-    x0 = generate_turn(model, mem, tokens, empty, rng, steps=s.steps, guidance=s.guidance, shift=s.shift)
-  mem = write_turn(model, mem, x0, tokens)
+    empty = encode(model, jnp.broadcast_to(empty_tokens(model.cfg.text_len), tokens.shape))
+    x0 = generate_turn(model, mem, text, empty, rng, steps=s.steps, guidance=s.guidance, shift=s.shift)
+  mem = write_turn(model, mem, x0, text)
   return jnp.clip(model.autoencoder.decode(x0), 0.0, 1.0), mem
 
 

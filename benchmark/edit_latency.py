@@ -45,6 +45,29 @@ def compiled_memory(session, sampler):
           "temp": m.temp_size_in_bytes}
 
 
+def pass_times(session, reps=30):
+  """Median seconds of one model pass on a new turn against this session's memory: (batch 1,
+  the student's pass; batch 2, the teacher's CFG pass with both halves in one call)."""
+  import jax.numpy as jnp
+  from anchoredit_jax.editing import encode, guided_velocity, turn_velocity
+
+  model = lambda p: nnx.merge(session.graphdef, p)
+  mem, tokens = session.memory, session.tokens(INSTRUCTIONS[0])
+  x, t = jnp.zeros_like(mem.last_latent), jnp.full((1,), 0.5)
+  one = jax.jit(lambda p: turn_velocity(model(p), mem, x, t, encode(model(p), tokens))[0])
+  two = jax.jit(lambda p: guided_velocity(model(p), mem, x, t, *(2 * [encode(model(p), tokens)])))
+  out = []
+  for f in (one, two):
+    jax.block_until_ready(f(session.params))
+    ts = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(session.params))
+      ts.append(time.perf_counter() - t0)
+    out.append(float(np.median(ts)))
+  return out
+
+
 def time_session(make, turns):
   """Seconds per turn [turns] of one new session, and the memory bytes after each turn."""
   s = make()
@@ -99,12 +122,16 @@ def main(argv=None):
   student_turn = float(np.median(per_turn))
 
   t2, tT = float(per_turn[1]), float(per_turn[-1])
+  one_pass, cfg_pass = pass_times(warm)
+  # were a turn nothing but its passes (the write counted as one pass), the ratio would be:
+  pass_bound = (teacher.steps * cfg_pass + one_pass) / ((student.steps + 1) * one_pass)
   result = {
       "weights": weights, "turns": args.turns, "sessions": args.sessions,
       "student_steps": student.steps, "teacher_steps": teacher.steps, "teacher_guidance": teacher.guidance,
       "student_turn_s_median_by_turn": per_turn.tolist(),
       "student_turn_s_median": student_turn, "teacher_turn_s_median": teacher_turn,
       "teacher_over_student": teacher_turn / student_turn,
+      "pass_s": one_pass, "cfg_pass_s": cfg_pass, "teacher_over_student_pass_bound": pass_bound,
       "turn2_s": t2, f"turn{args.turns}_s": tT, "turnT_over_turn2": tT / t2,
       "memory_bytes_turn2": mem_bytes[1], f"memory_bytes_turn{args.turns}": mem_bytes[-1],
       "compiled_edit_turn_bytes": mem_compiled,
@@ -122,6 +149,10 @@ def main(argv=None):
   print(f"| teacher ({teacher.steps}-step, CFG {teacher.guidance}) turn | {teacher_turn * 1e3:.1f} ms |")
   print(f"| student turn (median over all turns) | {student_turn * 1e3:.2f} ms |")
   print(f"| teacher / student | {teacher_turn / student_turn:.1f}x |")
+  print(f"| one pass at batch 1 / CFG pass at batch 2 | {one_pass * 1e3:.2f} ms / {cfg_pass * 1e3:.2f} ms "
+        f"({cfg_pass / one_pass:.2f}x) |")
+  print(f"| teacher / student if a turn were only its passes | ({teacher.steps} x CFG pass + 1 pass) / "
+        f"({student.steps} + 1 passes) = {pass_bound:.1f}x |")
   print(f"json: {args.json}")
 
 

@@ -153,11 +153,10 @@ def editing(turn_list, reps, teacher_steps):
                                                               cfg.eval.guidance, cfg.flow.shift))
   teacher = median_time(lambda: s.edit(INSTRUCTION), max(2, reps // 2))
   # FLOP floor of one 4-step AnchorEdit turn: 4 sampler passes + 1 memory write, each a forward of
-  # one turn attending to (W + 1) memory turns, plus the text encoder once per pass.
-  n = (res // cfg.model.patch) ** 2
-  one = flops.dit_forward(cfg.model, n=n, memory=(cfg.causal.window + 1) * n) + flops.text_forward(cfg.model, 1)
+  # one turn attending to (W + 1) memory turns, plus the text encoder once
+  turn_flops = flops.edit_turn(cfg.model, res, cfg.causal.window, student.steps)
   return rows, {"teacher_turn_s": teacher, "teacher_steps": teacher_steps,
-                "student_turn_s": float(np.median(per_turn)), "turn_flops": 5 * one}
+                "student_turn_s": float(np.median(per_turn)), "turn_flops": turn_flops}
 
 
 def plot(rows, path):

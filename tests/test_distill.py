@@ -87,12 +87,12 @@ def test_distill_step_trains_the_student_moves_the_ema_and_freezes_the_teacher()
 
 def test_guided_velocity_equals_two_separate_passes():
   from flax import nnx
-  from anchoredit_jax.editing import guided_velocity, turn_velocity, write_turn
+  from anchoredit_jax.editing import encode, guided_velocity, turn_velocity, write_turn
   from anchoredit_jax.models.model import init_memory
   cfg, graphdef, params, batch = _setup()
   model = nnx.merge(graphdef, params)
   lat = model.autoencoder.encode(batch["images"])
-  toks, empty = batch["tokens"][:, 0], batch["tokens"][:, 1]
+  toks, empty = encode(model, batch["tokens"][:, 0]), encode(model, batch["tokens"][:, 1])
   mem = init_memory(model.cfg, 2, 32, 2)
   for k in range(2):  # anchor + one window turn, so the context is not empty
     mem = write_turn(model, mem, lat[:, k], toks)

@@ -39,8 +39,10 @@ class EditModel(nnx.Module):
     return make_autoencoder(self.cfg)
 
   def __call__(self, x, t, tokens, turn_pos, *, cond=None, context=None, causal=True):
-    """Velocity for T turns: x [b,T,H,W,C], t [b,T], tokens [b,T,l] -> (v, kv per layer)."""
-    text, text_mask = self.text(tokens)
+    """Velocity for T turns: x [b,T,H,W,C], t [b,T], tokens [b,T,l] -> (v, kv per layer).
+    `tokens` may also be the text encoder's output (embeddings, mask) for them, so a sampler
+    encodes a turn's instruction once rather than at each of its steps."""
+    text, text_mask = tokens if isinstance(tokens, tuple) else self.text(tokens)
     return self.dit(x, t, text, text_mask, turn_pos, cond=cond, context=context, causal=causal)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax import flow
-from anchoredit_jax.editing import generate_turn, turn_velocity, write_turn
+from anchoredit_jax.editing import choose_text, encode, generate_turn, turn_velocity, write_turn
 from anchoredit_jax.eval import metrics
 from anchoredit_jax.models.model import init_memory
 from anchoredit_jax.stages.pretrain import edit_weighted_loss, empty_tokens
@@ -69,22 +69,24 @@ def rollout_losses(params, graphdef, batch, rng, cfg, *, use_scan=True):
   model = nnx.merge(graphdef, params)
   c = cfg.causal
   src, empty, mem, xs = rollout_inputs(model, cfg, batch)
+  empty = encode(model, empty)
   mem = write_turn(model, mem, src, empty)
 
   def body(mem, xs):
     k, x_gt, tokens, mask = xs
     r = jax.random.fold_in(rng, k)
     r_gen, r_teach, r_t, r_noise, r_drop = (jax.random.fold_in(r, i) for i in range(5))
+    text = encode(model, tokens)
     x_ctx = rollout_context(c, x_gt, lambda: generate_turn(
-        model, mem, tokens, empty, r_gen, steps=c.rollout_steps, guidance=c.rollout_guidance,
+        model, mem, text, empty, r_gen, steps=c.rollout_steps, guidance=c.rollout_guidance,
         shift=cfg.flow.shift), r_teach)
     b = x_gt.shape[0]
     t = flow.sample_time(r_t, (b,), mean=cfg.flow.t_mean, std=cfg.flow.t_std, shift=cfg.flow.shift)
     noise = jax.random.normal(r_noise, x_gt.shape)
-    drop = jax.random.bernoulli(r_drop, cfg.flow.p_uncond, (b, 1))
-    v, _ = turn_velocity(model, mem, flow.add_noise(x_gt, noise, t), t, jnp.where(drop, empty, tokens))
+    drop = jax.random.bernoulli(r_drop, cfg.flow.p_uncond, (b,))
+    v, _ = turn_velocity(model, mem, flow.add_noise(x_gt, noise, t), t, choose_text(drop, empty, text))
     loss, _ = edit_weighted_loss(v, x_gt, noise, mask, cfg.flow.edit_weight)
-    return write_turn(model, mem, x_ctx, tokens), loss
+    return write_turn(model, mem, x_ctx, text), loss
 
   return run_turns(body, mem, xs, use_scan)
 

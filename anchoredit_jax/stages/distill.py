@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from anchoredit_jax import flow
-from anchoredit_jax.editing import generate_turn_fast, guided_velocity, turn_velocity, write_turn
+from anchoredit_jax.editing import encode, generate_turn_fast, guided_velocity, turn_velocity, write_turn
 from anchoredit_jax.stages.causal import evaluate, rollout_context, rollout_inputs, run_turns
 from anchoredit_jax.stages.pretrain import weighted_mse
 
@@ -46,8 +46,8 @@ def schedule(cfg):
   return flow.shift_time(jnp.linspace(0.0, 1.0, cfg.distill.intervals + 1), cfg.flow.shift)
 
 
-def consistency_x0(model, mem, x, t, tokens):
-  return flow.x0_from_velocity(x, turn_velocity(model, mem, x, t, tokens)[0], t)
+def consistency_x0(model, mem, x, t, text):
+  return flow.x0_from_velocity(x, turn_velocity(model, mem, x, t, text)[0], t)
 
 
 def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
@@ -56,7 +56,8 @@ def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
             "teacher": nnx.merge(graphdef, aux["teacher"])}
   c, d = cfg.causal, cfg.distill
   src, empty, mem0, xs = rollout_inputs(models["student"], cfg, batch)
-  mems = {r: write_turn(m, mem0, src, empty) for r, m in models.items()}
+  empty = {r: encode(m, empty) for r, m in models.items()}
+  mems = {r: write_turn(m, mem0, src, empty[r]) for r, m in models.items()}
   grid = schedule(cfg)
 
   def body(mems, xs):
@@ -64,19 +65,21 @@ def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
     r = jax.random.fold_in(rng, k)
     r_gen, r_teach, r_n, r_noise = (jax.random.fold_in(r, i) for i in range(4))
     b = x_gt.shape[0]
+    text = {r: encode(m, tokens) for r, m in models.items()}
     x_ctx = rollout_context(c, x_gt, lambda: generate_turn_fast(
-        models["student"], mems["student"], tokens, r_gen, steps=d.student_steps,
+        models["student"], mems["student"], text["student"], r_gen, steps=d.student_steps,
         shift=cfg.flow.shift), r_teach)
     n = jax.random.randint(r_n, (b,), 0, d.intervals)
     t_hi, t_lo = grid[n + 1], grid[n]
     x_hi = flow.add_noise(x_gt, jax.random.normal(r_noise, x_gt.shape), t_hi)
-    v_c, v_u = guided_velocity(models["teacher"], mems["teacher"], x_hi, t_hi, tokens, empty)
+    v_c, v_u = guided_velocity(models["teacher"], mems["teacher"], x_hi, t_hi, text["teacher"],
+                               empty["teacher"])
     v = v_u + d.guidance * (v_c - v_u)
     x_lo = x_hi + (t_lo - t_hi)[:, None, None, None] * v
-    target = jax.lax.stop_gradient(consistency_x0(models["ema"], mems["ema"], x_lo, t_lo, tokens))
-    pred = consistency_x0(models["student"], mems["student"], x_hi, t_hi, tokens)
+    target = jax.lax.stop_gradient(consistency_x0(models["ema"], mems["ema"], x_lo, t_lo, text["ema"]))
+    pred = consistency_x0(models["student"], mems["student"], x_hi, t_hi, text["student"])
     loss, _ = weighted_mse(pred, target, mask, cfg.flow.edit_weight)
-    mems = {r: write_turn(models[r], mems[r], x_ctx, tokens) for r in ROLES}
+    mems = {r: write_turn(models[r], mems[r], x_ctx, text[r]) for r in ROLES}
     return mems, loss
 
   return run_turns(body, mems, xs, use_scan)
