@@ -7,7 +7,10 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/pretrain.py
 SHELL  := /bin/bash
 
-.PHONY: install test train quickstart clean
+REPRO  := runs/toy
+REF    := checkpoints/toy
+
+.PHONY: install test train quickstart reproduce clean
 
 install: $(STAMP)
 
@@ -33,9 +36,27 @@ test: $(STAMP)
 train: $(STAMP)
 	$(PY) -m anchoredit_jax.train --config=$(CONFIG)
 
-# For now identical to `train`; a later issue gives quickstart its own job.
+# A 16-turn session, the multi-turn benchmark and a report from the reference checkpoints
+# (checkpoints/toy) in a few CPU minutes: runs/quickstart/report.md.
 quickstart: $(STAMP)
-	$(PY) -m anchoredit_jax.train --config=$(CONFIG)
+	$(PY) -m anchoredit_jax.quickstart --workdir runs/quickstart
+
+# The toy pipeline from scratch: stages 1-3 (each resumes if rerun; a finished one is skipped;
+# each stage reads the one before from its default init_from, runs/toy/<previous stage>),
+# their export as reference checkpoints into checkpoints/toy, then the multi-turn benchmark.
+reproduce: $(STAMP)
+	@set -eo pipefail; mkdir -p $(REPRO); start=$$(date +%s); \
+	for stage in pretrain causal distill; do \
+	  echo "== stage $$stage: $(REPRO)/$$stage (log $(REPRO)/$$stage.log)"; \
+	  $(PY) -m anchoredit_jax.train --config=configs/$$stage.py --workdir=$(REPRO)/$$stage \
+	    2>&1 | tee -a $(REPRO)/$$stage.log; \
+	done; \
+	echo "reproduce: training took $$(( ($$(date +%s) - start) / 60 )) min (this invocation)"; \
+	for stage in pretrain causal distill; do \
+	  $(PY) -m anchoredit_jax.export --run=$(REPRO)/$$stage --out=$(REF)/$$stage; \
+	done; \
+	$(PY) -m benchmark.multiturn --weights=$(REF) --runs=$(REPRO) --out=benchmark/results/multiturn; \
+	echo "reproduce: done in $$(( ($$(date +%s) - start) / 60 )) min"
 
 clean:
 	rm -rf $(VENV) runs/

@@ -21,7 +21,8 @@ from flax import nnx
 
 from anchoredit_jax.data.tokenize import tokenize
 from anchoredit_jax.editing import encode, generate_turn, generate_turn_fast, write_turn
-from anchoredit_jax.models.model import init_memory
+from anchoredit_jax import flow
+from anchoredit_jax.models.model import init_memory, prev_cond
 from anchoredit_jax.stages.pretrain import empty_tokens
 
 EDIT_STAGES = ("causal", "distill")
@@ -65,6 +66,28 @@ def edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
     x0 = generate_turn(model, mem, text, empty, rng, steps=s.steps, guidance=s.guidance, shift=s.shift)
   mem = write_turn(model, mem, x0, text)
   return jnp.clip(model.autoencoder.decode(x0), 0.0, 1.0), mem
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "shift"))
+def bidirectional_turn(params, graphdef, history, history_tokens, tokens, rng, *, steps, shift):
+  """The baseline AnchorEdit replaces: a new turn from a full-attention re-run over the whole
+  history at every sampler step (no memory; cost grows with the turn). history [b,t,H,W,C] clean
+  latents (the source first), history_tokens [b,t,l], tokens [b,l] -> x0 [b,H,W,C]."""
+  model = nnx.merge(graphdef, params)
+  b, t = history.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(t + 1), (b, t + 1))
+  text = model.text(jnp.concatenate([history_tokens, tokens[:, None]], 1))  # once per turn
+  cond = prev_cond(jnp.concatenate([history, history[:, -1:]], 1)) if model.cfg.concat_prev else None
+
+  def x0_fn(x, time_):
+    xs = jnp.concatenate([history, x[:, None]], 1)
+    ts = jnp.concatenate([jnp.zeros((b, t)), jnp.full((b, 1), time_)], 1)
+    v = model(xs, ts, text, pos, cond=cond, causal=False)[0][:, -1]
+    return flow.x0_from_velocity(x, v, jnp.full((b,), time_))
+
+  r0, r1 = jax.random.split(rng)
+  return flow.consistency_sample(x0_fn, jax.random.normal(r0, history.shape[:1] + history.shape[2:]),
+                                 r1, steps=steps, shift=shift)
 
 
 def to_uint8(x):

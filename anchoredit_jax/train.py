@@ -197,14 +197,40 @@ def _check_config(workdir, cfg):
       f.write(cfg.to_json(indent=2))
 
 
+def git_state() -> dict:
+  """{'commit': HEAD, 'dirty': uncommitted changes to tracked files} of the code being run."""
+  import subprocess
+  here = os.path.dirname(os.path.abspath(__file__))
+  git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10)
+  try:
+    head = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+  if head.returncode:
+    return {"commit": None, "dirty": None}
+  return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def record_provenance(workdir, start_step):
+  """Append who ran this run (command, git commit) from which step to <workdir>/provenance.jsonl."""
+  if jax.process_index() != 0:
+    return
+  row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "start_step": start_step,
+         "command": "python -m anchoredit_jax.train " + " ".join(sys.argv[1:]), **git_state()}
+  with open(os.path.join(workdir, "provenance.jsonl"), "a") as f:
+    f.write(json.dumps(row) + "\n")
+
+
 PREVIOUS_STAGE = {"causal": "pretrain", "distill": "causal"}
 
 
 def _load_init(cfg):
   """Parameters of the earlier stage's run named by cfg.init_from, checked against this model."""
   from anchoredit_jax.checkpoint import load_params
+  from anchoredit_jax.checkpoint import has_model
   src, prev = cfg.init_from, PREVIOUS_STAGE.get(cfg.stage, "pretrain")
-  if not os.path.exists(os.path.join(src, "checkpoints")):
+  if not has_model(src):
     raise FileNotFoundError(
         f"init_from={src} has no checkpoint; make it first with: python -m anchoredit_jax.train "
         f"--config=configs/{prev}.py:{cfg.preset} --workdir={src}")
@@ -218,6 +244,17 @@ def _load_init(cfg):
   return params
 
 
+def _finished_summary(workdir, cfg, step):
+  """The summary of a run that already ended at `step` (its steps or minutes spent), else None."""
+  path = os.path.join(workdir, "summary.json")
+  if step is None or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  spent = cfg.train.minutes and summary.get("train_minutes", 0.0) >= cfg.train.minutes
+  return summary if summary.get("step") == step and (step >= cfg.train.steps or spent) else None
+
+
 def train(cfg, workdir):
   workdir = os.path.abspath(workdir)
   _check_config(workdir, cfg)
@@ -228,6 +265,11 @@ def train(cfg, workdir):
   data_it = iter(make_data(cfg))
   start = mngr.latest_step()
   train_seconds = 0.0
+  done = _finished_summary(workdir, cfg, start)
+  if done is not None:
+    mngr.close()
+    print(f"{workdir} already finished at step {start}; delete its summary.json to re-evaluate")
+    return done
   if start is None:
     if cfg.get("init_from"):
       state = trainer.with_params(_load_init(cfg))
@@ -243,6 +285,7 @@ def train(cfg, workdir):
     pipeline.restore_iterator_state(data_it, restored["extra"]["data"])
     train_seconds = restored["extra"]["train_seconds"]
     print(f"resuming {workdir} at step {start} ({train_seconds / 60:.1f} training minutes so far)")
+  record_provenance(workdir, start)
 
   def save(step):
     mngr.save(step, args=ocp.args.Composite(

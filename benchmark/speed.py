@@ -15,7 +15,6 @@ All use the 4-step student sampler with random toy weights (timing does not depe
 Writes JSON and a latency/memory plot under --out; prints a table last.
 """
 import argparse
-import functools
 import json
 import os
 import platform
@@ -27,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anchoredit_jax import flops, flow, sharding as sh
+from anchoredit_jax import flops, sharding as sh
 from anchoredit_jax.data.tokenize import tokenize
-from anchoredit_jax.inference import EditSession, Sampler
-from anchoredit_jax.models.model import build, prev_cond
+from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn
+from anchoredit_jax.models.model import build
 from benchmark.edit_latency import tree_bytes
 
 INSTRUCTION = "make the red circle blue"
@@ -88,27 +87,6 @@ def train_step(stage, preset, peak, reps):
                         "distill": lambda: flops.distill_step(cfg, b)}[stage]()
   row["mfu"] = row["flops_model"] / t / peak
   return row
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "shift"))
-def bidirectional_turn(params, graphdef, history, history_tokens, tokens, rng, *, steps, shift):
-  """A new turn from a full-attention re-run over every earlier turn at every denoising step.
-  history [b,t,H,W,C] clean latents (the source first), history_tokens [b,t,l], tokens [b,l]."""
-  model = nnx.merge(graphdef, params)
-  b, t = history.shape[:2]
-  pos = jnp.broadcast_to(jnp.arange(t + 1), (b, t + 1))
-  toks = jnp.concatenate([history_tokens, tokens[:, None]], 1)
-
-  def x0_fn(x, time_):
-    xs = jnp.concatenate([history, x[:, None]], 1)
-    ts = jnp.concatenate([jnp.zeros((b, t)), jnp.full((b, 1), time_)], 1)
-    cond = prev_cond(xs) if model.cfg.concat_prev else None
-    v = model(xs, ts, toks, pos, cond=cond, causal=False)[0][:, -1]
-    return x - time_ * v
-
-  r0, r1 = jax.random.split(rng)
-  return flow.consistency_sample(x0_fn, jax.random.normal(r0, history.shape[:1] + history.shape[2:]),
-                                 r1, steps=steps, shift=shift)
 
 
 def editing(turn_list, reps, teacher_steps):

@@ -102,3 +102,84 @@ def test_edit_notices_and_errors(runs, image, tmp_path):
   assert "notice: converted L image to RGB" in p.stderr and "notice: resized 48x48" in p.stderr
   p = run("anchoredit_jax.edit", ck, f"--image={gray}", "--instruction=again", f"--out={out}")
   assert p.returncode == 2 and "not an empty directory" in last_line(p)
+
+
+@pytest.fixture(scope="module")
+def refs(runs):
+  """The smoke runs exported as reference checkpoints, as `make reproduce` does with the toy."""
+  out = runs / "refs"
+  for stage, run_dir in (("pretrain", "s1"), ("causal", "s2"), ("distill", "s3")):
+    p = run("anchoredit_jax.export", f"--run={runs / run_dir}", f"--out={out / stage}")
+    assert p.returncode == 0, p.stderr[-2000:]
+  return out
+
+
+def test_export_keeps_parameters_and_provenance(runs, refs, tmp_path):
+  from anchoredit_jax.checkpoint import load_params
+  import jax
+  _, g_run, p_run, step = load_params(str(runs / "s3"))
+  _, g_ref, p_ref, ref_step = load_params(str(refs / "distill"))
+  assert g_run == g_ref and step == ref_step == 6
+  for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_run)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)  # float16 storage
+  meta = json.loads((refs / "distill" / "meta.json").read_text())
+  assert meta["stage"] == "distill" and meta["dtype"] == "float16"
+  # the first start and the resume are both recorded, each with its command and commit
+  assert [p["start_step"] for p in meta["provenance"]] == [0, 4]
+  assert all("configs/distill.py:smoke" in p["command"] for p in meta["provenance"])
+  assert all(p["commit"] is None or len(p["commit"]) == 40 for p in meta["provenance"])
+  assert sorted(os.listdir(refs / "distill")) == ["config.json", "meta.json", "metrics.jsonl",
+                                                  "params.safetensors"]
+  p = run("anchoredit_jax.export", f"--run={tmp_path}", f"--out={tmp_path / 'ref'}")
+  assert p.returncode == 2 and "not a training run" in last_line(p) and not (tmp_path / "ref").exists()
+
+
+def test_multiturn_benchmark_runs_every_system_it_has_weights_for(refs, tmp_path):
+  out = tmp_path / "mt"
+  p = run("benchmark.multiturn", f"--weights={refs}", f"--runs={tmp_path / 'none'}",
+          "--systems=i,iii,v,vi,vii", "--sequences=2", "--turns=3", f"--out={out}")
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "skipped iii: no weights" in p.stdout
+  res = json.loads((out / "results.json").read_text())["systems"]
+  assert list(res) == ["i", "v", "vi", "vii"]
+  for r in res.values():
+    assert len(r["per_turn"]["success"]) == 3 and len(r["per_turn"]["identity_psnr"]) == 3
+  # a full cache carries every turn; the anchor + window memory a fixed number
+  assert res["v"]["state_bytes"] > res["i"]["state_bytes"]
+  assert sorted(os.listdir(out)) == ["contact.png", "drift.png", "results.json", "table.md"]
+  assert "| i AnchorEdit 4-step student |" in (out / "table.md").read_text()
+  bad = run("benchmark.multiturn", "--systems=i,x", f"--out={out}")
+  assert bad.returncode == 2 and "unknown systems ['x']" in last_line(bad)
+
+
+def test_multiturn_all_trains_the_missing_variant(runs, refs, tmp_path):
+  root = tmp_path / "runs"
+  root.mkdir()
+  os.symlink(runs / "s1", root / "pretrain")
+  args = ("benchmark.multiturn", "--all", "--preset=smoke", f"--weights={refs}", f"--runs={root}",
+          "--systems=iii", "--sequences=2", "--turns=2", f"--out={tmp_path / 'mt'}")
+  p = run(*args)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.count("training:") == 2 and "self_rollout=False" in p.stdout
+  cfg = json.loads((root / "distill_tf" / "config.json").read_text())
+  assert cfg["stage"] == "distill" and cfg["causal"]["self_rollout"] is False
+  res = json.loads((tmp_path / "mt" / "results.json").read_text())["systems"]
+  assert res["iii"]["weights"] == str(root / "distill_tf")
+  again = run(*args)  # finished runs are not retrained
+  assert again.returncode == 0 and "training:" not in again.stdout
+
+
+def test_quickstart_report_from_reference_checkpoints(refs, tmp_path):
+  work = tmp_path / "qs"
+  p = run("anchoredit_jax.quickstart", f"--weights={refs}", f"--workdir={work}", "--turns=3",
+          "--sequences=2", "--teacher-steps=2")
+  assert p.returncode == 0, p.stderr[-2000:]
+  report = (work / "report.md").read_text()
+  for piece in ("![session](session.png)", "| i AnchorEdit 4-step student |", "| vii bidirectional",
+                "| distill | 6 |"):
+    assert piece in report, piece
+  for f in ("session.png", "drift.png", "contact.png", "results.json"):
+    assert (work / f).exists(), f
+  p = run("anchoredit_jax.quickstart", f"--weights={tmp_path / 'none'}", f"--workdir={work}")
+  assert p.returncode == 2 and "make reproduce" in last_line(p)

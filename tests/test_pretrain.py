@@ -56,6 +56,12 @@ def test_cli_trains_then_resumes(tmp_path):
   assert train_steps == sorted(train_steps) and train_steps[-1] == 20 and min(train_steps) == 5
   assert json.load(open(wd / "summary.json"))["step"] == 20
   assert any(f.startswith("events") for f in os.listdir(wd / "tb"))
+  third = _train_cli(wd, "--config.train.steps=20")  # nothing left: no retraining, no re-evaluation
+  assert third.returncode == 0 and "already finished at step 20" in third.stdout, third.stderr[-2000:]
+  assert json.loads(third.stdout.strip().splitlines()[-1]) == json.load(open(wd / "summary.json"))
+  starts = [json.loads(l) for l in open(wd / "provenance.jsonl")]
+  assert [p["start_step"] for p in starts] == [0, 10]
+  assert all("--config=configs/pretrain.py:smoke" in p["command"] for p in starts)
 
 
 def test_cli_refuses_workdir_of_another_config(tmp_path):

@@ -79,3 +79,12 @@ def edit_metrics(pred, target, edit_mask):
       psnr=psnr_from_mse(jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))),
       # SSIM's 11x11 window needs at least 11x11 pixels (NaN below: hand-made 8x8 test images)
       ssim=ssim(pred, target) if min(pred.shape[1:3]) >= 11 else jnp.full(pred.shape[:1], jnp.nan))
+
+
+@jax.jit
+def turn_metrics(pred, target, source, edit_mask, identity_mask):
+  """One turn of a multi-turn session: edit_metrics plus identity PSNR, the PSNR against the
+  source image over identity_mask [b,H,W] (pixels no turn has edited so far): the drift measure."""
+  return dict(edit_metrics(pred, target, edit_mask),
+              identity_psnr=psnr_from_mse(masked_mse(pred, source, identity_mask)))
+

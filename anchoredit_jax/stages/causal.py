@@ -117,9 +117,8 @@ def evaluate(params, graphdef, cfg, seqs, rng):
       pred, mem = inference.edit_turn(params, graphdef, mem, jnp.asarray(seqs["tokens"][sl, k]),
                                       jax.random.fold_in(rng, i * K + k), sampler=sampler)
       target = jnp.asarray(imgs[:, k + 1], jnp.float32) / 255.0
-      m = metrics.edit_metrics(pred, target, jnp.asarray(seqs["edit_masks"][sl, k]))
-      ident = jnp.asarray(seqs["identity_masks"][sl, k])
-      m["identity_psnr"] = metrics.psnr_from_mse(metrics.masked_mse(pred, src, ident))
+      m = metrics.turn_metrics(pred, target, src, jnp.asarray(seqs["edit_masks"][sl, k]),
+                               jnp.asarray(seqs["identity_masks"][sl, k]))
       per_turn.append(jax.device_get(m))
     rows.append({key: np.stack([t[key] for t in per_turn], 1) for key in per_turn[0]})  # [b,K]
   m = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}

@@ -1,0 +1,87 @@
+"""Long-horizon multi-turn benchmark: systems i-vii on the same held-out ShapesEdit sequences.
+
+  python -m benchmark.multiturn                          # every system whose weights exist
+  python -m benchmark.multiturn --systems i,ii --sequences 8 --turns 32
+  python -m benchmark.multiturn --all                    # first train the missing variants
+
+Weights are looked up under --weights (reference checkpoints, default checkpoints/toy) and then
+--runs (training runs, default runs/toy). --all trains, under --runs, every run a requested system
+lacks (e.g. the teacher-forced variant iii: stage 2 and stage 3 with causal.self_rollout=False, the
+same step budgets as the main system), then benchmarks. See anchoredit_jax/eval/multiturn.py for
+the systems. Writes results.json, table.md, drift.png and contact.png to --out.
+"""
+import argparse
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+
+from anchoredit_jax.eval import multiturn as mt
+
+
+def train_missing(systems, runs, preset):
+  """Run the training commands behind `systems` whose runs are missing or unfinished."""
+  from anchoredit_jax.checkpoint import has_model
+  todo = []
+  for name in systems:
+    w = mt.SYSTEMS[name].weights
+    for stage in mt.NEEDS[w] + [w]:
+      if stage not in todo:
+        todo.append(stage)
+  for stage in todo:
+    wdir = os.path.join(runs, stage)
+    if os.path.exists(os.path.join(wdir, "summary.json")):
+      continue  # finished (an unfinished run resumes below)
+    cmd = [sys.executable, "-m", "anchoredit_jax.train", f"--workdir={wdir}"] + [
+        a.format(root=runs, preset=preset) for a in mt.TRAIN_RUNS[stage]]
+    print("training:", " ".join(cmd[1:]), flush=True)
+    with open(wdir + ".log", "a") as log:
+      rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if rc or not has_model(wdir):
+      raise RuntimeError(f"training {stage} failed (exit {rc}); see {wdir}.log")
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--systems", default=",".join(mt.SYSTEMS), help="comma-separated: i,ii,...,vii")
+  ap.add_argument("--sequences", type=int, default=32)
+  ap.add_argument("--turns", type=int, default=16)
+  ap.add_argument("--teacher-steps", type=int, default=50)
+  ap.add_argument("--batch-size", type=int, default=32)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--weights", default="checkpoints/toy", help="reference checkpoints root")
+  ap.add_argument("--runs", default="runs/toy", help="training runs root")
+  ap.add_argument("--all", action="store_true", help="train the runs the systems lack first")
+  ap.add_argument("--preset", default="toy", help="config preset of runs trained by --all")
+  ap.add_argument("--out", default="benchmark/results/multiturn")
+  args = ap.parse_args(argv)
+  systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+  bad = [s for s in systems if s not in mt.SYSTEMS]
+  if bad or args.turns < 1 or args.sequences < 1:
+    print(f"error: unknown systems {bad} (choose from {list(mt.SYSTEMS)}) or turns/sequences < 1",
+          file=sys.stderr)
+    sys.exit(2)
+  command = "python -m benchmark.multiturn " + " ".join(argv if argv is not None else sys.argv[1:])
+  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, devices "
+        f"{[d.device_kind for d in jax.devices()]}, jax {jax.__version__}\ncommand: {command}")
+  try:
+    if args.all:
+      train_missing(systems, args.runs, args.preset)
+    results, seqs, traj, skipped = mt.evaluate(
+        systems, [args.weights, args.runs], sequences=args.sequences, turns=args.turns,
+        teacher_steps=args.teacher_steps, batch_size=args.batch_size, seed=args.seed)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+    os._exit(2)
+  for name, why in skipped.items():
+    print(f"skipped {name}: {why}")
+  meta = {"command": command, "sequences": args.sequences, "turns": args.turns, "seed": args.seed}
+  tab = mt.write_outputs(results, seqs, traj, skipped, args.out, meta)
+  print(tab)
+  print(f"-> {args.out}/results.json, table.md, drift.png, contact.png")
+
+
+if __name__ == "__main__":
+  main()
