@@ -4,14 +4,16 @@ per-turn editing latency and memory against the turn number.
   python -m benchmark.speed [--presets toy] [--stages pretrain,causal,distill] [--turns 32]
 
 One run measures everything side by side: every MFU is against the peak measured in the same run
-(median of repeated large matmuls in float32, the dtype the model computes in). Training FLOPs
+(median of repeated large matmuls in each preset's compute dtype, model.dtype). Training FLOPs
 are counted from the architecture and the stage's schedule of model calls
 (anchoredit_jax/flops.py); XLA's cost_analysis of the compiled step is printed beside them, but it
 counts the body of each lax.scan (layers, turns) once, so it undercounts. Editing variants at turn t:
   anchor  AnchorEdit memory (anchor + window W): one compiled function for every turn;
   full    a cache of every earlier turn (window = t, so it grows; recompiled per size);
   bidir   full attention over the whole history, re-run at every denoising step of every turn.
-All use the 4-step student sampler with random toy weights (timing does not depend on the values).
+All use the 4-step student sampler with random weights of the first preset (timing does not
+depend on the values). `benchmark/gpu.sh` runs this at the small preset and at a Wan2.1-1.3B-sized
+model on an NVIDIA GPU.
 Writes JSON and a latency/memory plot under --out; prints a table last.
 """
 import argparse
@@ -52,14 +54,28 @@ def matmul_peak(n, reps=10, dtype=jnp.float32):
   return 2.0 * n ** 3 / median_time(lambda: f(a, b), reps)
 
 
+# Wan2.1-1.3B's DiT at 1521 tokens a turn with random weights, for timing only: the byte-level text
+# encoder (1 layer) stands in for umT5 and a space-to-depth pixel autoencoder at stride 8 for
+# the Wan VAE, whose own costs are not timed; 624x624 is the square nearest 480x832's 1560 tokens.
+WAN_PROXY = dict(text_encoder="bytes", text_layers=1, text_heads=32, autoencoder="pixel")
+
+
 def stage_config(stage, preset):
   import importlib
-  return importlib.import_module(f"configs.{stage}").get_config(preset)
+  cfg = importlib.import_module(f"configs.{stage}").get_config(preset)
+  if preset == "wan1.3b":
+    cfg.model.update(WAN_PROXY)
+    cfg.data.res = 624
+    cfg.train.batch_size = 4 if stage == "pretrain" else 1
+    cfg.eval.pairs = 0
+  return cfg
 
 
-def train_step(stage, preset, peak, reps):
+def train_step(stage, preset, peak, reps, dtype=None):
   from anchoredit_jax.train import Trainer, make_data
   cfg = stage_config(stage, preset)
+  if dtype:
+    cfg.model.dtype = dtype
   cfg.mesh = dict(data=len(jax.devices()), fsdp=1, tensor=1)
   tr = Trainer(cfg)
   state = tr.init_state(jax.random.key(0))
@@ -89,9 +105,8 @@ def train_step(stage, preset, peak, reps):
   return row
 
 
-def editing(turn_list, reps, teacher_steps):
-  from configs import distill
-  cfg = distill.get_config("toy")
+def editing(turn_list, reps, teacher_steps, preset="toy"):
+  cfg = stage_config("distill", preset)
   graphdef, params = nnx.split(build(cfg.model, nnx.Rngs(0)))
   res = cfg.data.res
   src = np.asarray(jax.random.randint(jax.random.key(1), (res, res, 3), 0, 256), np.uint8)
@@ -165,34 +180,44 @@ def main(argv=None):
   ap.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
   ap.add_argument("--out", default="benchmark/results/speed")
   ap.add_argument("--skip-editing", action="store_true")
+  ap.add_argument("--dtypes", default="", help="compute dtypes to time each preset at, e.g. "
+                  "float32,bfloat16 (default: the preset's model.dtype)")
   args = ap.parse_args(argv)
   dev = jax.devices()[0]
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {len(jax.devices())} x {dev.device_kind} "
         f"({dev.platform}), jax {jax.__version__}")
   print("command: python -m benchmark.speed " + " ".join(sys.argv[1:] if argv is None else argv))
   n = args.matmul or (2048 if dev.platform == "cpu" else 8192)
-  peak = matmul_peak(n)
-  print(f"peak: {peak / 1e9:.1f} GFLOP/s float32 ({n}x{n} matmul, median)", flush=True)
+  presets = args.presets.split(",")
+  dtype_of = {p: stage_config("pretrain", p).model.dtype for p in presets}
+  runs = [(p, dt) for p in presets for dt in (args.dtypes.split(",") if args.dtypes else [dtype_of[p]])]
+  peaks = {}
+  for dt in sorted({dt for _, dt in runs}):  # each row's MFU is against its compute dtype's peak
+    peaks[dt] = matmul_peak(n, dtype=jnp.dtype(dt))
+    print(f"peak: {peaks[dt] / 1e9:.1f} GFLOP/s {dt} ({n}x{n} matmul, median)", flush=True)
   result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-            "peak_flops": peak, "train": [], "editing": None}
-  for preset in args.presets.split(","):
+            "peak_flops": peaks, "train": [], "editing": None}
+  for preset, dt in runs:
     for stage in args.stages.split(","):
-      row = train_step(stage, preset, peak, args.reps)
+      row = train_step(stage, preset, peaks[dt], args.reps, dt)
+      row["dtype"] = dt
       result["train"].append(row)
-      print(f"train {stage}/{preset}: {row['step_s'] * 1e3:.1f} ms/step, MFU {row['mfu']:.1%}", flush=True)
+      print(f"train {stage}/{preset}/{dt}: {row['step_s'] * 1e3:.1f} ms/step, MFU {row['mfu']:.1%}", flush=True)
   if not args.skip_editing:
-    rows, extra = editing([int(t) for t in args.turns.split(",")], args.reps, args.teacher_steps)
-    result["editing"] = {"rows": rows, **extra, "turn_floor_s": extra["turn_flops"] / peak}
+    rows, extra = editing([int(t) for t in args.turns.split(",")], args.reps, args.teacher_steps,
+                          args.presets.split(",")[0])
+    result["editing"] = {"rows": rows, **extra, "preset": presets[0],
+                         "turn_floor_s": extra["turn_flops"] / peaks[dtype_of[presets[0]]]}
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "speed.json"), "w") as f:
     json.dump(result, f, indent=2)
 
-  print("\n| stage / preset | batch | ms / step | XLA GFLOP / step | model GFLOP / step | MFU | memory MiB |")
-  print("|---|---|---|---|---|---|---|")
+  print("\n| stage / preset | dtype | batch | ms / step | XLA GFLOP / step | model GFLOP / step | MFU | memory MiB |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in result["train"]:
     model = f"{r['flops_model'] / 1e9:.2f}"
     mem = f"{r['memory_bytes'] / 2 ** 20:.0f}" if r["memory_bytes"] else "-"
-    print(f"| {r['stage']} / {r['preset']} | {r['batch']} | {r['step_s'] * 1e3:.1f} | "
+    print(f"| {r['stage']} / {r['preset']} | {r['dtype']} | {r['batch']} | {r['step_s'] * 1e3:.1f} | "
           f"{r['flops_xla'] / 1e9:.2f} | {model} | {r['mfu']:.1%} | {mem} |")
   if result["editing"]:
     e = result["editing"]

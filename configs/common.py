@@ -8,7 +8,7 @@ import ml_collections
 
 from anchoredit_jax import sharding
 
-PRESETS = ("smoke", "toy", "wan1.3b")
+PRESETS = ("smoke", "toy", "small", "wan1.3b")
 
 
 def parse_arg(arg, **defaults):
@@ -31,17 +31,22 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       text_encoder="bytes", text_dim=64, text_layers=1, text_heads=4, text_len=64,
       autoencoder="pixel", ae_factor=1, latent_channels=3,
       concat_prev=True, source_context=False, prediction="velocity", abs_pos=False,
-      attention_kernel="xla", remat="none"))
+      attention_kernel="xla", remat="none",
+      dtype="float32"))  # compute dtype of the DiT's blocks (float32 or bfloat16); params stay float32
   if preset == "toy":
     # abs_pos: "add ... at the top left" needs absolute positions; RoPE alone gives relative ones
     m.update(dim=192, layers=4, heads=6, ffn_dim=768, freq_dim=128, text_dim=128, text_layers=2,
              text_heads=4, abs_pos=True)
+  elif preset == "small":
+    # what one GPU trains in hours: ~110M parameters, 64x64 images at patch 2 (1024 tokens a turn)
+    m.update(dim=768, layers=12, heads=12, ffn_dim=3072, freq_dim=256, patch=2, text_dim=256,
+             text_layers=2, text_heads=4, abs_pos=True, dtype="bfloat16")
   elif preset == "wan1.3b":
     # Wan2.1-T2V-1.3B: dim 1536, 30 layers, 12 heads x 128, FFN 8960, freq 256, umT5 4096 x 512,
     # patch (1,2,2) over the VAE's 16 channels at stride 8.
     m.update(dim=1536, layers=30, heads=12, ffn_dim=8960, freq_dim=256, patch=2,
              text_encoder="umt5", text_dim=4096, text_len=512, autoencoder="wan_vae",
-             ae_factor=8, latent_channels=16, remat="full")
+             ae_factor=8, latent_channels=16, remat="full", dtype="bfloat16")
   return m
 
 

@@ -58,7 +58,7 @@ class Block(nnx.Module):
     """x [b,T,n,d]; e0 [b,T,6,d]; text [b,T,l,d]; text_mask [b,T,l]; ang [b,T*n,k/2]."""
     b, T, n, d = x.shape
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
-        (self.modulation[None] + e0)[:, :, :, None, :], 6, axis=2)  # each [b,T,1,1,d]
+        (self.modulation[None] + e0).astype(x.dtype)[:, :, :, None, :], 6, axis=2)  # each [b,T,1,1,d]
     shift1, scale1, gate1, shift2, scale2, gate2 = (
         m[:, :, 0] for m in (shift1, scale1, gate1, shift2, scale2, gate2))  # [b,T,1,d]
     y = self.norm1(x) * (1 + scale1) + shift1
@@ -111,16 +111,18 @@ class CausalDiT(nnx.Module):
         raise ValueError("this model concatenates the previous turn (concat_prev); pass cond")
       x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
     gh, gw = H // p, W // p
+    dt = jnp.dtype(cfg.dtype)  # compute dtype; parameters, norms and the output stay float32
     tokens = rearrange(x, "b T (h p) (w q) c -> b T (h w) (p q c)", p=p, q=p)
     h = self.patch_embed(tokens)  # [b,T,n,d]
     if cfg.abs_pos:
       h = h + abs_pos_embedding(gh, gw, cfg.dim)
+    h = h.astype(dt)
     h = sh.constrain(h, (sh.BATCH, None, sh.LENGTH, sh.EMBED))
     n = gh * gw
 
     e = self.time_out(jax.nn.silu(self.time_in(sinusoidal(t * 1000.0, cfg.freq_dim))))  # [b,T,d]
-    e0 = self.time_proj(jax.nn.silu(e)).reshape(b, T, 6, cfg.dim)
-    ctx = self.text_embed(text)  # [b,T,l,d]
+    e0 = self.time_proj(jax.nn.silu(e)).reshape(b, T, 6, cfg.dim).astype(dt)
+    ctx = self.text_embed(text.astype(dt))  # [b,T,l,d]
 
     ang = rope.angles(rope.token_positions(turn_pos, gh, gw), cfg.dim // cfg.heads, cfg.rope_theta)
     tok_turn = jnp.repeat(jnp.arange(T), n)
@@ -144,6 +146,7 @@ class CausalDiT(nnx.Module):
     h, kv = jax.lax.scan(body, h, xs)
 
     shift, scale = jnp.split((self.head_modulation[None] + e[:, :, None, :])[:, :, :, None], 2, axis=2)
+    h = h.astype(jnp.float32)
     out = self.head(self.head_norm(h) * (1 + scale[:, :, 0]) + shift[:, :, 0])
     out = rearrange(out, "b T (h w) (p q c) -> b T (h p) (w q) c", h=gh, p=p, q=p)
     if cfg.prediction in ("x0", "x0_residual"):

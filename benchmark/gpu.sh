@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The prepared accelerator check (issue 5), for a machine with an NVIDIA GPU and JAX installed:
+#
+#   bash benchmark/gpu.sh [OUT_DIR]     # default: $OUT, else /tmp/gpu_bench
+#   bash benchmark/gpu.sh --dry-run     # here, on the CPU: the same steps at the smoke preset
+#
+# 1. installs whichever of our dependencies does not import, from the wheels carried in .whl/
+#    (python 3.12; nothing is fetched from the network) into a private folder on PYTHONPATH;
+# 2. runs benchmark/speed.py at the `small` preset (every stage, editing to turn 32) and at a
+#    Wan2.1-1.3B-sized model with random weights, 624x624 = 1521 tokens a turn (stage-1 step,
+#    editing to turn 8); each prints the machine, the command and its table, and writes JSON.
+# Goals on one H100 (issue 5): a 4-step editing turn of the 1.3B model in <= 0.1 s, and training
+# MFU >= 40% of the measured bf16 peak.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUTDIR="${1:-${OUT:-/tmp/gpu_bench}}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUTDIR"
+
+# A dependency counts as present only if it imports (a flax built for another jax does not).
+missing=$("$PY" - <<'PYEOF'
+import importlib
+mods = ["flax.nnx", "optax", "orbax.checkpoint", "grain", "einops", "ml_collections",
+        "safetensors", "tqdm", "tensorboardX", "PIL", "matplotlib", "absl", "array_record"]
+bad = []
+for m in mods:
+  try:
+    importlib.import_module(m)
+  except Exception:
+    bad.append(m)
+print(" ".join(bad))
+PYEOF
+)
+if [ -n "$missing" ]; then
+  echo "gpu.sh: not importable: $missing; installing the carried wheels from .whl/"
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu.sh: error: no wheels in .whl/ to install $missing from" >&2; exit 2; }
+  SITE=/tmp/anchoredit_site
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  export PYTHONPATH="$SITE:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+"$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+
+if [ "$DRY" = 1 ]; then
+  "$PY" -m benchmark.speed --presets smoke --stages pretrain,causal --turns 1,2 --reps 1 \
+    --teacher-steps 2 --matmul 256 --out "$OUTDIR/dry" | tee "$OUTDIR/dry.txt"
+  exit 0
+fi
+"$PY" -m benchmark.speed --presets small --turns 1,2,4,8,16,32 --reps 10 \
+  --out "$OUTDIR/small" | tee "$OUTDIR/small.txt"
+"$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2,4,8 --reps 5 \
+  --out "$OUTDIR/wan1.3b" | tee "$OUTDIR/wan1.3b.txt"
+echo "gpu.sh: tables in $OUTDIR/small.txt and $OUTDIR/wan1.3b.txt"

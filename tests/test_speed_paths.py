@@ -1,0 +1,70 @@
+"""Speed switches: bfloat16 compute, the attention kernel switch, the larger presets and the
+prepared GPU script. Timing itself lives in benchmark/speed.py, not here."""
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from anchoredit_jax.models.attention import attend
+from anchoredit_jax.models.model import abstract_split, build
+from configs import common
+from tests.helpers import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _forward(m, params=None):
+  graphdef, p = nnx.split(build(m, nnx.Rngs(0)))
+  params = p if params is None else params
+  x = jax.random.normal(jax.random.key(2), (2, 1, 32, 32, 3))
+  args = (x, jnp.full((2, 1), 0.5), jnp.ones((2, 1, m.text_len), jnp.int32), jnp.ones((2, 1), jnp.int32))
+  f = jax.jit(lambda p: nnx.merge(graphdef, p)(*args, cond=jnp.zeros((2, 1, 32, 32, 4))))
+  return f, params
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  m = common.model_config("smoke")
+  f32, params = _forward(m)
+  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)
+  m.dtype = "bfloat16"
+  bf16, _ = _forward(m)
+  (v32, _), (v16, kv16) = f32(params), bf16(params)
+  assert v16.dtype == jnp.float32 and kv16[0].dtype == jnp.bfloat16
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
+  assert "bf16" in bf16.lower(params).as_text() and "bf16" not in f32.lower(params).as_text()
+  assert 1e-4 < rel_err(v16, v32) < 3e-2  # rounding shows, but only rounding
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_attention_matches_xla():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(r, (2, 128, 4, 64), jnp.bfloat16) for r in (k1, k2, k3))
+  mask = jnp.tril(jnp.ones((128, 128), bool))[None].repeat(2, 0)
+  np.testing.assert_allclose(np.asarray(attend(q, k, v, mask, "cudnn"), np.float32),
+                             np.asarray(attend(q, k, v, mask, "xla"), np.float32), atol=2e-2)
+
+
+def test_unknown_attention_kernel_is_named():
+  q = jnp.zeros((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="attention kernel 'flash' unknown"):
+    attend(q, q, q, jnp.ones((1, 4, 4), bool), "flash")
+
+
+def test_small_and_wan_sized_timing_configs_without_memory():
+  from benchmark.speed import stage_config
+  count = lambda m: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_split(m)[1]["dit"]))
+  small = stage_config("pretrain", "small")
+  assert small.model.dtype == "bfloat16" and (small.data.res // small.model.patch) ** 2 == 1024
+  assert 80e6 < count(small.model) < 150e6
+  wan = stage_config("pretrain", "wan1.3b")
+  n = (wan.data.res // wan.model.ae_factor // wan.model.patch) ** 2
+  assert n == 1521 and wan.model.dim == 1536 and wan.model.layers == 30
+  assert wan.model.dtype == "bfloat16" and 1.2e9 < count(wan.model) < 1.5e9  # the DiT: Wan2.1-1.3B's
+
+
+def test_gpu_script_parses():
+  subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmark", "gpu.sh")], check=True)
