@@ -149,7 +149,8 @@ def editing(turn_list, reps, teacher_steps, preset="toy"):
   # one turn attending to (W + 1) memory turns, plus the text encoder once
   turn_flops = flops.edit_turn(cfg.model, res, cfg.causal.window, student.steps)
   return rows, {"teacher_turn_s": teacher, "teacher_steps": teacher_steps,
-                "student_turn_s": float(np.median(per_turn)), "turn_flops": turn_flops}
+                "student_turn_s": float(np.median(per_turn)), "turn_flops": turn_flops,
+                "student_steps": student.steps}
 
 
 def plot(rows, path):
@@ -228,7 +229,7 @@ def main(argv=None):
     for name, rs in e["rows"].items():
       print(f"| {name} ms | " + " | ".join(f"{r['s'] * 1e3:.1f}" for r in rs) + " |")
       print(f"| {name} state KiB | " + " | ".join(f"{r['state_bytes'] / 1024:.0f}" for r in rs) + " |")
-    print(f"\n4-step turn: {e['student_turn_s'] * 1e3:.1f} ms measured, FLOP floor "
+    print(f"\n{e['student_steps']}-step turn: {e['student_turn_s'] * 1e3:.1f} ms measured, FLOP floor "
           f"{e['turn_floor_s'] * 1e3:.2f} ms ({e['student_turn_s'] / e['turn_floor_s']:.1f}x the floor); "
           f"{e['teacher_steps']}-step CFG teacher {e['teacher_turn_s'] * 1e3:.1f} ms "
           f"({e['teacher_turn_s'] / e['student_turn_s']:.1f}x the student)")
