@@ -55,3 +55,14 @@ def test_ssim_matches_scikit_image_and_orders_distortions():
   np.testing.assert_allclose(metrics.ssim(jnp.asarray(a), jnp.asarray(a)), 1.0, rtol=1e-5)
   worse = np.clip(a + 0.3 * rng.standard_normal(a.shape), 0, 1).astype(np.float32)
   assert np.all(np.asarray(metrics.ssim(jnp.asarray(a), jnp.asarray(worse))) < ours)
+
+
+def test_identity_psnr_counts_only_never_edited_pixels_against_the_source():
+  src, edit = _canvas()
+  identity = ~edit  # one turn in: everything but the edited square is still the source's
+  pred = src.at[:, 2:4, 2:4].set(1.0)  # the edit itself does not count against identity
+  m = metrics.turn_metrics(pred, pred, src, edit, identity)
+  assert float(m["identity_psnr"][0]) == 60.0 and float(m["success"][0]) == 1.0
+  drift = pred.at[:, 6:, :].add(0.1)  # 16 never-edited pixels drift by 0.1
+  m = metrics.turn_metrics(drift, pred, src, edit, identity)
+  np.testing.assert_allclose(m["identity_psnr"], [-10 * np.log10(0.01 * 16 / 60)], rtol=1e-5)
