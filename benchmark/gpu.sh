@@ -11,6 +11,11 @@
 #    editing to turn 8); each prints the machine, the command and its table, and writes JSON.
 # Goals on one H100 (issue 5): a 4-step editing turn of the 1.3B model in <= 0.1 s, and training
 # MFU >= 40% of the measured bf16 peak.
+# .whl/ is not tracked by git (28 MB of python-3.12 wheels: flax, optax, orbax-checkpoint, grain,
+# array_record, dm_tree, ml_collections, tensorboardX, portpicker, tensorstore); a lent machine
+# gets it only when the call carries it (the device tool's carry: [".whl"]). Compile times on a
+# GPU are long (a first stage-1 step took 20 s with autotuning off, minutes with it on and other
+# compiles beside it): run this one script as one call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
