@@ -14,8 +14,8 @@
 # .whl/ is not tracked by git (28 MB of python-3.12 wheels: flax, optax, orbax-checkpoint, grain,
 # array_record, dm_tree, ml_collections, tensorboardX, portpicker, tensorstore); a lent machine
 # gets it only when the call carries it (the device tool's carry: [".whl"]). Compile times on a
-# GPU are long (a first stage-1 step took 20 s with autotuning off, minutes with it on and other
-# compiles beside it): run this one script as one call.
+# GPU are long (a first toy stage-1 step took 20 s alone with autotuning off, 5.7 min with two
+# processes compiling at once at highest matmul precision): run this one script as one call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
