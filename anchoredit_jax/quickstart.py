@@ -62,7 +62,7 @@ def provenance_lines(weights_root):
   return lines
 
 
-def report(out, rows, table, results, skipped, args, seconds, weights_root):
+def write_report(out, rows, table, results, skipped, args, seconds, weights_root):
   ok = sum(r["success"] for r in rows)
   lines = [
       "# anchoredit_jax quickstart", "",
@@ -108,7 +108,7 @@ def main(argv=None):
     sys.exit(2)
   from tqdm import tqdm
 
-  from anchoredit_jax.eval import multiturn as mt
+  from anchoredit_jax.eval import multiturn as mt, report
   t0 = time.time()
   os.makedirs(args.workdir, exist_ok=True)
   tqdm.write(f"1/3 a {args.turns}-turn editing session")
@@ -119,9 +119,9 @@ def main(argv=None):
       teacher_steps=args.teacher_steps, batch_size=args.sequences)
   meta = {"command": "python -m anchoredit_jax.quickstart " + " ".join(argv),
           "sequences": args.sequences, "turns": args.turns, "session": rows}
-  table = mt.write_outputs(results, seqs, traj, skipped, args.workdir, meta)
+  table = report.write_outputs(results, seqs, traj, skipped, args.workdir, meta)
   tqdm.write("3/3 report")
-  report(args.workdir, rows, table, results, skipped, argv, time.time() - t0, args.weights)
+  write_report(args.workdir, rows, table, results, skipped, argv, time.time() - t0, args.weights)
   print(table)
   print(f"quickstart done in {(time.time() - t0) / 60:.1f} min -> {args.workdir}/report.md")
 

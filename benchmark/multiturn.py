@@ -18,7 +18,7 @@ import sys
 
 import jax
 
-from anchoredit_jax.eval import multiturn as mt
+from anchoredit_jax.eval import multiturn as mt, report
 
 
 def train_missing(systems, runs, preset):
@@ -78,7 +78,7 @@ def main(argv=None):
   for name, why in skipped.items():
     print(f"skipped {name}: {why}")
   meta = {"command": command, "sequences": args.sequences, "turns": args.turns, "seed": args.seed}
-  tab = mt.write_outputs(results, seqs, traj, skipped, args.out, meta)
+  tab = report.write_outputs(results, seqs, traj, skipped, args.out, meta)
   print(tab)
   print(f"-> {args.out}/results.json, table.md, drift.png, contact.png")
 
