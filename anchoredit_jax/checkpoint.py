@@ -47,8 +47,6 @@ def flat_params(params) -> dict:
 def load_reference(path):
   """(cfg, graphdef, params float32, step) of a reference checkpoint, every array checked
   against the model its config.json builds."""
-  import json as _json
-
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
@@ -74,7 +72,7 @@ def load_reference(path):
   params = jax.tree_util.tree_unflatten(
       treedef, [jax.numpy.asarray(arrays[k], a.dtype) for k, a in zip(expect, leaves)])
   with open(os.path.join(path, "meta.json")) as f:
-    step = _json.load(f).get("step")
+    step = json.load(f).get("step")
   return cfg, graphdef, params, step
 
 

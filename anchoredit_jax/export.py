@@ -41,7 +41,7 @@ def export(run, out, *, dtype="float16", log=None, provenance=None):
   cfg, _, params, step = load_params(run)
   arrays = {k: np.asarray(a) for k, a in flat_params(params).items()}
   cast = {k: a.astype(DTYPES[dtype]) for k, a in arrays.items()}
-  worst = max(float(np.max(np.abs(c.astype(np.float32) - a))) for k, a in arrays.items() for c in [cast[k]])
+  worst = max(float(np.max(np.abs(cast[k].astype(np.float32) - a))) for k, a in arrays.items())
   if not all(np.isfinite(c).all() for c in cast.values()):
     raise ValueError(f"{run}: a parameter overflows {dtype}; export with --dtype float32")
   summary = {}

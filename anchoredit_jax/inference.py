@@ -90,6 +90,11 @@ def bidirectional_turn(params, graphdef, history, history_tokens, tokens, rng, *
                                  r1, steps=steps, shift=shift)
 
 
+def tree_bytes(tree) -> int:
+  """Bytes of every array in a pytree (a memory, a history)."""
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
 def to_uint8(x):
   return np.asarray(np.round(np.asarray(x) * 255.0), np.uint8)
 

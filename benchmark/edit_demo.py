@@ -39,9 +39,10 @@ def main(argv=None):
   pred = np.stack([np.asarray(Image.open(os.path.join(args.out, f"turn_{i:02d}.png")))
                    for i in range(args.turns + 1)])
   f = lambda a: jnp.asarray(a, jnp.float32) / 255.0
-  m = metrics.edit_metrics(f(pred[1:]), f(seq["images"][1:]), jnp.asarray(seq["edit_masks"]))
-  ident = metrics.psnr_from_mse(metrics.masked_mse(
-      f(pred[1:]), jnp.broadcast_to(f(seq["images"][:1]), pred[1:].shape), jnp.asarray(seq["identity_masks"])))
+  m = metrics.turn_metrics(f(pred[1:]), f(seq["images"][1:]),
+                           jnp.broadcast_to(f(seq["images"][:1]), pred[1:].shape),
+                           jnp.asarray(seq["edit_masks"]), jnp.asarray(seq["identity_masks"]))
+  ident = m["identity_psnr"]
   rows = [{"turn": t + 1, "instruction": seq["instructions"][t], "success": float(m["success"][t]),
            "edit_mae": float(m["edit_mae"][t]), "preserved_psnr": float(m["preserved_psnr"][t]),
            "identity_psnr": float(ident[t])} for t in range(args.turns)]

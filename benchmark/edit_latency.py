@@ -22,15 +22,11 @@ from flax import nnx
 
 from anchoredit_jax import inference
 from anchoredit_jax.data.tokenize import tokenize
-from anchoredit_jax.inference import EditSession, Sampler
+from anchoredit_jax.inference import EditSession, Sampler, tree_bytes
 from anchoredit_jax.models.model import build
 
 INSTRUCTIONS = ["make the red circle blue", "move the blue circle up", "remove the green square",
                 "add a small red square at the top left", "make the blue circle smaller"]
-
-
-def tree_bytes(tree):
-  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def compiled_memory(session, sampler):

@@ -30,9 +30,8 @@ from flax import nnx
 
 from anchoredit_jax import flops, sharding as sh
 from anchoredit_jax.data.tokenize import tokenize
-from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn
+from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn, tree_bytes
 from anchoredit_jax.models.model import build
-from benchmark.edit_latency import tree_bytes
 
 INSTRUCTION = "make the red circle blue"
 

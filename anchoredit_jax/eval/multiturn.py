@@ -76,10 +76,6 @@ def heldout(n: int, turns: int, res: int, text_len: int) -> dict:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _nbytes(tree) -> int:
-  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
-
-
 class _Memory:
   """Systems i-v: AnchorMemory sessions through the jitted edit_turn."""
 
@@ -188,7 +184,7 @@ def run_system(runner, seqs, *, batch_size=32, seed=0, keep=2, bar=None):
         outs.append(np.asarray(np.round(np.asarray(pred[:keep]) * 255.0), np.uint8))
       if bar is not None:
         bar.update(1)
-    state_bytes = _nbytes(state) // imgs.shape[0]
+    state_bytes = inference.tree_bytes(state) // imgs.shape[0]
     per_batch.append({key: np.stack([r[key] for r in rows], 1) for key in rows[0]})
     if i == 0:
       traj = np.stack(outs, 1)
