@@ -8,7 +8,8 @@ import ml_collections
 
 from anchoredit_jax import sharding
 
-PRESETS = ("smoke", "toy", "small", "wan1.3b")
+PRESETS = ("smoke", "toy", "small", "wan1.3b", "wan14b")
+WAN_PRESETS = ("wan1.3b", "wan14b")
 
 
 def parse_arg(arg, **defaults):
@@ -41,17 +42,18 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     # what one GPU trains in hours: ~110M parameters, 64x64 images at patch 2 (1024 tokens a turn)
     m.update(dim=768, layers=12, heads=12, ffn_dim=3072, freq_dim=256, patch=2, text_dim=256,
              text_layers=2, text_heads=4, abs_pos=True, dtype="bfloat16")
-  elif preset == "wan1.3b":
-    # Wan2.1-T2V-1.3B: dim 1536, 30 layers, 12 heads x 128, FFN 8960, freq 256, umT5 4096 x 512,
-    # patch (1,2,2) over the VAE's 16 channels at stride 8.
-    m.update(dim=1536, layers=30, heads=12, ffn_dim=8960, freq_dim=256, patch=2,
-             text_encoder="umt5", text_dim=4096, text_len=512, autoencoder="wan_vae",
-             ae_factor=8, latent_channels=16, remat="full", dtype="bfloat16")
+  elif preset in WAN_PRESETS:
+    # Wan2.1-T2V-1.3B / -14B: heads of 128, umT5-XXL text (4096 wide, 512 tokens), patch (1,2,2)
+    # over the VAE's 16 channels at stride 8. The DiT loads from Wan weights (convert/wan.py).
+    m.update(freq_dim=256, patch=2, text_encoder="umt5", text_dim=4096, text_len=512,
+             autoencoder="wan_vae", ae_factor=8, latent_channels=16, remat="full", dtype="bfloat16")
+    m.update(dict(dim=1536, layers=30, heads=12, ffn_dim=8960) if preset == "wan1.3b" else
+             dict(dim=5120, layers=40, heads=40, ffn_dim=13824))
   return m
 
 
 def mesh_config(preset: str) -> ml_collections.ConfigDict:
-  shape = dict(data=1, fsdp=-1, tensor=1) if preset == "wan1.3b" else dict(data=-1, fsdp=1, tensor=1)
+  shape = dict(data=1, fsdp=-1, tensor=1) if preset in WAN_PRESETS else dict(data=-1, fsdp=1, tensor=1)
   return ml_collections.ConfigDict(shape)
 
 

@@ -4,8 +4,8 @@
   python -m anchoredit_jax.train --config=configs/pretrain.py:smoke --workdir=/tmp/smoke
 
 Presets: smoke (tests, seconds), toy (default: this 2-core CPU, 32x32, about an hour), small
-(one GPU: ~110M parameters at 64x64, bfloat16 compute), wan1.3b (full size; declared for shape
-checks with jax.eval_shape).
+(one GPU: ~110M parameters at 64x64, bfloat16 compute), wan1.3b and wan14b (full size;
+declared for shape checks with jax.eval_shape and for pods).
 """
 import ml_collections
 
@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.model = common.model_config(p)
 
   c.data = ml_collections.ConfigDict(dict(
-      res={"wan1.3b": 480, "small": 64}.get(p, 32), num_turns=1, background="procedural", ops=(),
+      res={"wan1.3b": 480, "wan14b": 480, "small": 64}.get(p, 32), num_turns=1, background="procedural", ops=(),
       threads=1, prefetch=4))
   c.flow = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift=3.0, p_uncond=0.1,
                                          edit_weight=4.0))
@@ -44,7 +44,7 @@ def get_config(arg=None):
   elif p == "small":
     c.train.update(batch_size=32, steps=50000, minutes=0.0, eval_every=2500, ckpt_every=1000)
     c.optim.update(lr=3e-4, warmup_steps=1000, end_lr=3e-5)
-  elif p == "wan1.3b":
+  elif p in common.WAN_PRESETS:
     c.train.update(batch_size=64, minutes=0.0)
     c.optim.update(lr=1e-4, warmup_steps=1000, end_lr=1e-5)
     c.flow.update(shift=5.0)

@@ -1,0 +1,92 @@
+"""Read safetensors checkpoints lazily: memory-mapped, one tensor (or one slice of it) at a time.
+
+safetensors is 8 bytes of header length, a JSON header {name: {dtype, shape, data_offsets}}, then
+raw little-endian data. Mapping the file and viewing each tensor as a numpy array means that
+slicing a tensor reads only the pages that hold the slice, so a host that loads its shard of a
+14B model never holds the whole model. bfloat16 comes through `ml_dtypes`, which numpy lacks.
+Pickle checkpoints (.pt/.pth/.bin/.ckpt) are refused, never unpickled.
+"""
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "BOOL": np.bool_}
+
+
+def refuse_pickle(path: Path):
+  if path.suffix in PICKLE_SUFFIXES:
+    raise ValueError(
+        f"{path} is a pickle checkpoint, which is never unpickled here; convert it to safetensors "
+        f"first: python -c \"import torch, safetensors.torch as s; "
+        f"s.save_file(torch.load('{path}', map_location='cpu'), '{path.with_suffix('.safetensors')}')\"")
+
+
+def checkpoint_files(path, index_glob: str = "*.safetensors.index.json") -> list[Path]:
+  """The safetensors files of a checkpoint given as a file, an index JSON or a directory."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  refuse_pickle(path)
+  if path.is_file() and path.name.endswith(".json"):
+    weight_map = json.loads(path.read_text()).get("weight_map")
+    if not weight_map:
+      raise ValueError(f"{path} is not a safetensors index (it has no weight_map)")
+    return [path.parent / f for f in sorted(set(weight_map.values()))]
+  if path.is_file():
+    if path.suffix != ".safetensors":
+      raise ValueError(f"{path} is not a .safetensors file")
+    return [path]
+  index = sorted(path.glob(index_glob))
+  if index:
+    return checkpoint_files(index[0])
+  files = sorted(path.glob("*.safetensors"))
+  if not files:
+    pickles = [p for s in PICKLE_SUFFIXES for p in path.glob(f"*{s}")]
+    if pickles:
+      refuse_pickle(pickles[0])
+    raise FileNotFoundError(f"{path} holds no .safetensors files")
+  return files
+
+
+class Tensors:
+  """name -> read-only numpy view of a tensor in memory-mapped safetensors files."""
+
+  def __init__(self, files):
+    self._where = {}  # name -> (memmap, dtype, shape, begin, end)
+    for f in files:
+      with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        try:
+          header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+          raise ValueError(f"{f} is not a safetensors file (its header is not JSON)") from None
+      data = np.memmap(f, dtype=np.uint8, mode="r", offset=8 + n)
+      for name, info in header.items():
+        if name == "__metadata__":
+          continue
+        if info["dtype"] not in DTYPES:
+          raise ValueError(f"{f}: tensor {name} has dtype {info['dtype']}, which is not supported")
+        self._where[name] = (data, DTYPES[info["dtype"]], tuple(info["shape"]), *info["data_offsets"])
+
+  def keys(self):
+    return self._where.keys()
+
+  def __contains__(self, name):
+    return name in self._where
+
+  def shape(self, name) -> tuple:
+    return self._where[name][2]
+
+  def __getitem__(self, name) -> np.ndarray:
+    data, dtype, shape, begin, end = self._where[name]
+    return data[begin:end].view(dtype).reshape(shape)
+
+
+def open_checkpoint(path) -> Tensors:
+  return Tensors(checkpoint_files(path))
