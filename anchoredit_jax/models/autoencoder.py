@@ -1,10 +1,13 @@
 """Image <-> latent maps. Every autoencoder has `encode`, `decode`, `latent_shape(res)`.
 
 `PixelAutoencoder` is the first implementation: pixels scaled to [-1, 1] and folded
-space-to-depth by `factor` (no parameters). The Wan2.1 VAE plugs in behind the same interface.
+space-to-depth by `factor` (no parameters). `WanVAE` (Wan2.1's causal 3D VAE, in `wan_vae.py`,
+loaded with `load_wan_vae`) has the same interface plus `encode_video`/`decode_video` for clips.
 """
 import jax.numpy as jnp
 from einops import rearrange
+
+from anchoredit_jax.models.wan_vae import WanVAE, WanVAEConfig, load_wan_vae  # noqa: F401  (re-export)
 
 
 class PixelAutoencoder:
