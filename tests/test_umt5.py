@@ -192,9 +192,9 @@ def test_loader_errors(umt5, tmp_path):
   pickles.mkdir()
   (pickles / "pytorch_model.bin").write_bytes(b"never read")
   cases = {
-      "PyTorch pickle, which is never loaded here; convert it to safetensors":
+      "pickle checkpoint, which is never unpickled here; convert it to safetensors":
           str(tmp_path / "pytorch_model.bin"),
-      "only PyTorch pickles \\(pytorch_model.bin\\); convert": str(pickles),
+      "pytorch_model.bin is a pickle checkpoint, which is never unpickled": str(pickles),
       # all 10 tensors of layer 1 gone: the count, the first three names, then an ellipsis
       "does not match its config: 10 missing \\(encoder.block.1.layer.0.SelfAttention.k.weight, "
       "encoder.block.1.layer.0.SelfAttention.o.weight, "

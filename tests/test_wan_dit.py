@@ -204,7 +204,7 @@ def test_other_sizes_families_and_pickles_are_refused(wan_dir, tmp_path):
   (tmp_path / "model.pt").write_bytes(b"\x80\x04not to be unpickled")
   with pytest.raises(ValueError, match="pickle checkpoint, which is never unpickled.*save_file"):
     wan.load_wan_dit(tmp_path / "model.pt", cfg, lc)
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(FileNotFoundError, match="not found"):
     wan.load_wan_dit(tmp_path / "nowhere", cfg, lc)
   pipeline = tmp_path / "pipeline"
   shutil.copytree(path, pipeline / "transformer")  # a whole diffusers pipeline directory works too

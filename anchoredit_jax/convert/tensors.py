@@ -30,9 +30,10 @@ def refuse_pickle(path: Path):
 def checkpoint_files(path, index_glob: str = "*.safetensors.index.json") -> list[Path]:
   """The safetensors files of a checkpoint given as a file, an index JSON or a directory."""
   path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
   refuse_pickle(path)
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint {path} not found; pass a .safetensors file, its index JSON "
+                            f"or the directory holding them")
   if path.is_file() and path.name.endswith(".json"):
     weight_map = json.loads(path.read_text()).get("weight_map")
     if not weight_map:
@@ -60,13 +61,19 @@ class Tensors:
   def __init__(self, files):
     self._where = {}  # name -> (memmap, dtype, shape, begin, end)
     for f in files:
+      bad = ValueError(f"{f} could not be read as safetensors (truncated or another format); "
+                       f"re-download or re-convert it")
       with open(f, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         try:
           header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-          raise ValueError(f"{f} is not a safetensors file (its header is not JSON)") from None
+          raise bad from None
       data = np.memmap(f, dtype=np.uint8, mode="r", offset=8 + n)
+      if not isinstance(header, dict) or max(
+          [i["data_offsets"][1] for k, i in header.items() if k != "__metadata__"], default=0) > data.size:
+        raise bad
       for name, info in header.items():
         if name == "__metadata__":
           continue

@@ -12,11 +12,11 @@ sqrt(k): T5 folds that factor into the initialisation of q.
 `UMT5Encoder` is a `TextEncoder`: int32 tokens [..., l] -> (embeddings [..., l, d] with padded
 positions zeroed, mask [..., l]), the last hidden state Wan2.1's pipeline feeds to the DiT.
 """
-import glob
 import json
 import math
 import os
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,10 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax import sharding as sh
+from anchoredit_jax.convert.tensors import Tensors, checkpoint_files
 from anchoredit_jax.models.layers import Dense, RMSNorm, param
 
 PAD_ID = 0  # T5 tokenizers pad with id 0
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def relative_position_buckets(length, num_buckets, max_distance) -> np.ndarray:
@@ -141,52 +141,11 @@ def _hf_names(model: UMT5Encoder) -> dict:
 
 
 def _checkpoint(path):
-  """(config dict or None, {key: safetensors file}) of a directory or a single .safetensors."""
-  if path.endswith(PICKLE_SUFFIXES):
-    raise ValueError(f"{path} is a PyTorch pickle, which is never loaded here; convert it to "
-                     "safetensors (transformers: save_pretrained(dir, safe_serialization=True))")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"umT5 checkpoint {path} not found; pass a Hugging Face model "
-                            "directory or a .safetensors file")
-  folder = path if os.path.isdir(path) else os.path.dirname(path)
-  config = None
-  if os.path.isfile(os.path.join(folder, "config.json")):
-    with open(os.path.join(folder, "config.json")) as f:
-      config = json.load(f)
-  if not os.path.isdir(path):
-    files = [path]
-  elif os.path.isfile(index := os.path.join(path, "model.safetensors.index.json")):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    return config, {k: os.path.join(path, v) for k, v in weight_map.items()}
-  else:
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-      pickles = [f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES)]
-      raise ValueError(f"{path} has no .safetensors weights" + (
-          f", only PyTorch pickles ({pickles[0]}); convert them to safetensors" if pickles else
-          "; pass the directory holding model.safetensors"))
-  from safetensors import SafetensorError, safe_open
-  keys = {}
-  for file in files:
-    try:
-      with safe_open(file, "flax") as f:
-        keys.update({k: file for k in f.keys()})
-    except (SafetensorError, OSError) as e:
-      raise ValueError(f"{file} could not be read as safetensors ({str(e).splitlines()[0][:100]}); "
-                       "re-download or re-convert it") from e
-  return config, keys
-
-
-def _shapes(source: dict) -> dict:
-  """{key: shape} of source {key: (file, name in file)}, read from headers only."""
-  from safetensors import safe_open
-  shapes = {}
-  for file in sorted({f for f, _ in source.values()}):
-    with safe_open(file, "flax") as f:
-      shapes.update({k: tuple(f.get_slice(n).get_shape())
-                     for k, (g, n) in source.items() if g == file})
-  return shapes
+  """(config dict or None, Tensors) of a directory, a sharded index or one .safetensors file."""
+  files = checkpoint_files(path)  # refuses pickles, names a missing path
+  folder = Path(path) if Path(path).is_dir() else Path(path).parent
+  config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
+  return config, Tensors(files)
 
 
 def _config_kwargs(config, shapes, source) -> dict:
@@ -232,15 +191,15 @@ def load_umt5(path, *, dtype=jnp.float32, max_len=512) -> UMT5Encoder:
   present, else the sizes are read off the shapes). max_len: the token length the encoder takes
   (Wan2.1 pads instructions to 512).
   """
-  config, keys = _checkpoint(str(path))
+  config, tensors = _checkpoint(path)
   # UMT5Model / T5Model / *ForConditionalGeneration files also hold the decoder (and lm_head),
   # which an instruction encoder never runs: those keys are dropped, not reported as unexpected
-  source = {k: (f, k) for k, f in keys.items() if not k.startswith(("decoder.", "lm_head."))}
+  source = {k: k for k in tensors.keys() if not k.startswith(("decoder.", "lm_head."))}
   # encoder.embed_tokens is tied to shared: older files store both, transformers 5 only shared
   if "encoder.embed_tokens.weight" in source:
     tied = source.pop("encoder.embed_tokens.weight")
     source.setdefault("shared.weight", tied)
-  shapes = _shapes(source)
+  shapes = {k: tensors.shape(name) for k, name in source.items()}
   kwargs = _config_kwargs(config, shapes, path)
   model = nnx.eval_shape(lambda: UMT5Encoder(**kwargs, max_len=max_len, rngs=nnx.Rngs(0)))
   expect = _hf_names(model)
@@ -255,14 +214,10 @@ def load_umt5(path, *, dtype=jnp.float32, max_len=512) -> UMT5Encoder:
                                  ("with the wrong shape", wrong)) if v]
     raise ValueError(f"{path} does not match its config: {'; '.join(problems)}; check that "
                      "config.json and the weights come from the same umT5 encoder")
-  from safetensors import safe_open
-  for file in sorted({f for f, _ in source.values()}):
-    with safe_open(file, "flax") as f:
-      for k, (g, name) in source.items():
-        if g == file:
-          var, linear = expect[k]
-          a = f.get_tensor(name).astype(dtype)
-          var.set_value(a.T if linear else a)  # nn.Linear stores [out, in]; Dense kernels [in, out]
+  for k, name in source.items():
+    var, linear = expect[k]
+    a = np.asarray(tensors[name]).astype(np.float32)
+    var.set_value(jnp.asarray(a.T if linear else a, dtype))  # nn.Linear [out, in] -> kernel [in, out]
   return model
 
 
