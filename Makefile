@@ -21,7 +21,7 @@ $(PY):
 # per-package noise about local mirror index folders that lack a project.
 $(STAMP): setup.py constraints.txt | $(PY)
 	set -o pipefail; \
-	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test,torch]' 2>&1 \
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 

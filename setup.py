@@ -28,7 +28,7 @@ setup(
     # find_packages only returns folders with an __init__.py, so `configs` and
     # `benchmark` are packaged exactly when they are real packages.
     packages=find_packages(
-        include=["anchoredit_jax", "anchoredit_jax.*", "configs", "benchmark"]
+        include=["anchoredit_jax", "anchoredit_jax.*", "configs", "configs.*", "benchmark"]
     ),
     install_requires=[
         "jax>=0.10,<0.13",
@@ -56,8 +56,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
-        # For later PyTorch/diffusers parity tests. torch is pinned exactly:
-        # this CPU wheel is on local disk; any other version pulls GBs of CUDA.
-        "torch": ["torch==2.13.0", "diffusers", "transformers"],
+        # PyTorch references for the parity tests and benchmark/vs_pytorch.py (make test installs
+        # it). torch is pinned exactly: this CPU wheel is on local disk; any other version pulls
+        # GBs of CUDA. transformers 5 has no Flax models: it is used for tokenizers and umT5.
+        "torch": ["torch==2.13.0", "diffusers>=0.35", "transformers>=5"],
     },
 )

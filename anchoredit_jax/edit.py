@@ -70,7 +70,7 @@ def parse(argv):
 
 def run(args):
   from anchoredit_jax.checkpoint import load_config
-  from anchoredit_jax.data.tokenize import tokenize
+  from anchoredit_jax.data.tokenize import tokenize_for
   from anchoredit_jax.inference import EDIT_STAGES, Sampler, default_sampler
 
   cfg = load_config(args.checkpoint)
@@ -80,7 +80,7 @@ def run(args):
   for i, text in enumerate(args.instruction, 1):
     if not text.strip():
       raise ValueError(f"instruction {i} is empty; say what to change, e.g. 'make the red circle blue'")
-    tokenize(text, cfg.model.text_len)  # raises if too long
+    tokenize_for(cfg.model, [text])  # raises if too long for a byte-level encoder
   source, notices = load_image(args.image, cfg.data.res)
   for n in notices:
     print(f"notice: {n}", file=sys.stderr)

@@ -17,7 +17,7 @@ from anchoredit_jax import flow
 
 def encode(model, tokens):
   """Instruction tokens int32 [b,l] -> Text (embeddings [b,1,l,e], mask [b,1,l])."""
-  return model.text(tokens[:, None])
+  return model.encode_text(tokens[:, None])
 
 
 def choose_text(pick, a, b):

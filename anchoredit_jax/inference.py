@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anchoredit_jax.data.tokenize import tokenize
+from anchoredit_jax.data.tokenize import tokenize_for
 from anchoredit_jax.editing import encode, generate_turn, generate_turn_fast, write_turn
 from anchoredit_jax import flow
 from anchoredit_jax.models.model import init_memory, prev_cond
@@ -49,7 +49,7 @@ def start_memory(params, graphdef, mem, image):
   """Write the source image uint8 [b,R,R,3] into an empty memory (it becomes the anchor)."""
   model = nnx.merge(graphdef, params)
   b = image.shape[0]
-  empty = jnp.broadcast_to(empty_tokens(model.cfg.text_len), (b, model.cfg.text_len))
+  empty = jnp.broadcast_to(empty_tokens(model.cfg), (b, model.cfg.text_len))
   return write_turn(model, mem, model.autoencoder.encode(image), encode(model, empty))
 
 
@@ -62,7 +62,7 @@ def edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
   if s.kind == "student":
     x0 = generate_turn_fast(model, mem, text, rng, steps=s.steps, shift=s.shift)
   else:
-    empty = encode(model, jnp.broadcast_to(empty_tokens(model.cfg.text_len), tokens.shape))
+    empty = encode(model, jnp.broadcast_to(empty_tokens(model.cfg), tokens.shape))
     x0 = generate_turn(model, mem, text, empty, rng, steps=s.steps, guidance=s.guidance, shift=s.shift)
   mem = write_turn(model, mem, x0, text)
   return jnp.clip(model.autoencoder.decode(x0), 0.0, 1.0), mem
@@ -76,7 +76,7 @@ def bidirectional_turn(params, graphdef, history, history_tokens, tokens, rng, *
   model = nnx.merge(graphdef, params)
   b, t = history.shape[:2]
   pos = jnp.broadcast_to(jnp.arange(t + 1), (b, t + 1))
-  text = model.text(jnp.concatenate([history_tokens, tokens[:, None]], 1))  # once per turn
+  text = model.encode_text(jnp.concatenate([history_tokens, tokens[:, None]], 1))  # once per turn
   cond = prev_cond(jnp.concatenate([history, history[:, -1:]], 1)) if model.cfg.concat_prev else None
 
   def x0_fn(x, time_):
@@ -137,7 +137,7 @@ class EditSession:
   def tokens(self, instruction: str):
     if not instruction.strip():
       raise ValueError("empty instruction: say what to change, e.g. 'make the red circle blue'")
-    return jnp.asarray(tokenize(instruction, self.cfg.model.text_len)[None])
+    return jnp.asarray(tokenize_for(self.cfg.model, [instruction]))
 
   def edit(self, instruction: str) -> np.ndarray:
     """Apply one instruction; returns the new image uint8 [R,R,3]."""

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.checkpoint import load_config
 from anchoredit_jax.data import pipeline
-from anchoredit_jax.models.model import abstract_split, build
+from anchoredit_jax.data.tokenize import tokenizer_of
+from anchoredit_jax.models.model import abstract_split, build, frozen_parts
 from anchoredit_jax.stages import causal, distill, pretrain
 
 # A stage module gives loss_fn(params, graphdef, batch, rng, cfg[, aux]) -> (loss, metrics) and
@@ -35,11 +36,19 @@ from anchoredit_jax.stages import causal, distill, pretrain
 STAGES = {"pretrain": pretrain, "causal": causal, "distill": distill}
 
 
-def make_optimizer(ocfg, total_steps):
+def make_optimizer(ocfg, total_steps, frozen=()):
+  """AdamW with warmup + cosine decay and global-norm clipping; the top-level parts named in
+  `frozen` (e.g. a pretrained umT5) get no update and no optimizer state."""
   sched = optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, ocfg.warmup_steps,
                                              max(total_steps, ocfg.warmup_steps + 1), ocfg.end_lr)
-  return optax.chain(optax.clip_by_global_norm(ocfg.clip),
-                     optax.adamw(sched, ocfg.b1, ocfg.b2, weight_decay=ocfg.weight_decay))
+  tx = optax.chain(optax.clip_by_global_norm(ocfg.clip),
+                   optax.adamw(sched, ocfg.b1, ocfg.b2, weight_decay=ocfg.weight_decay))
+  if not frozen:
+    return tx
+  part = lambda path: jax.tree_util.keystr(path[:1], simple=True, separator="/")
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if part(path) in frozen else "train", params)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _path_key(path):
@@ -85,8 +94,13 @@ class Trainer:
     check_config(cfg)
     self.cfg, self.stage = cfg, STAGES[cfg.stage]
     self.mesh = mesh or sh.make_mesh(dict(cfg.mesh))
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if cfg.train.batch_size % shards:
+      raise ValueError(f"train.batch_size={cfg.train.batch_size} does not split over the "
+                       f"{shards} data x fsdp devices of the mesh; change one of them "
+                       f"(--config.train.batch_size or --config.mesh.*)")
     self.rules = tuple(tuple(r) for r in cfg.sharding.rules)
-    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+    self.tx = make_optimizer(cfg.optim, cfg.train.steps, frozen_parts(cfg.model))
     self.graphdef, abs_params = abstract_split(cfg.model)
     param_sh = sh.param_shardings(abs_params, self.mesh, self.rules)
 
@@ -127,7 +141,9 @@ class Trainer:
     return new, metrics
 
   def with_params(self, params):
-    """The state with `params` (e.g. from an earlier stage) and a fresh optimizer state."""
+    """The state with `params` (e.g. from an earlier stage) and a fresh optimizer state. The
+    params may live anywhere (one device after load_params): they are resharded onto this mesh."""
+    params = jax.device_put(params, self.state_sh["params"])
     with sh.use_mesh(self.mesh, self.rules):
       return jax.jit(self._fresh, out_shardings=self.state_sh)(params)
 
@@ -144,7 +160,8 @@ def make_data(cfg, split="train", seed=None):
   d = cfg.data
   return pipeline.make_dataset(
       split=split, res=d.res, num_turns=d.num_turns, batch_size=cfg.train.batch_size // jax.process_count(),
-      text_len=cfg.model.text_len, seed=cfg.seed if seed is None else seed, ops=tuple(d.ops) or None,
+      text_len=cfg.model.text_len, tokenizer=tokenizer_of(cfg.model),
+      seed=cfg.seed if seed is None else seed, ops=tuple(d.ops) or None,
       background=d.background, worker_threads=d.threads, prefetch_batches=d.prefetch)
 
 
@@ -152,7 +169,8 @@ def eval_pairs(cfg):
   """Fixed held-out set: sequences 0..N-1 of the held-out split (never used for training)."""
   d = cfg.data
   rows = [pipeline.example_from_seed(i, split="heldout", res=d.res, num_turns=d.num_turns,
-                                     text_len=cfg.model.text_len, background=d.background)
+                                     text_len=cfg.model.text_len, background=d.background,
+                                     tokenizer=tokenizer_of(cfg.model))
           for i in range(cfg.eval.pairs)]
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -225,11 +243,15 @@ def record_provenance(workdir, start_step):
 PREVIOUS_STAGE = {"causal": "pretrain", "distill": "causal"}
 
 
-def _load_init(cfg):
-  """Parameters of the earlier stage's run named by cfg.init_from, checked against this model."""
-  from anchoredit_jax.checkpoint import load_params
-  from anchoredit_jax.checkpoint import has_model
+def _load_init(cfg, mesh=None, rules=None):
+  """Parameters of the earlier stage's run named by cfg.init_from, checked against this model,
+  or of a Wan2.1 diffusers folder (stage 1 from the video prior)."""
+  from anchoredit_jax.checkpoint import has_model, load_params
+  from anchoredit_jax.convert import wan
   src, prev = cfg.init_from, PREVIOUS_STAGE.get(cfg.stage, "pretrain")
+  if wan.is_wan_pipeline(src):
+    print(f"initialised from the Wan2.1 weights in {src}")
+    return wan.load_wan_pipeline(src, cfg.model, mesh=mesh, rules=rules)
   if not has_model(src):
     raise FileNotFoundError(
         f"init_from={src} has no checkpoint; make it first with: python -m anchoredit_jax.train "
@@ -272,7 +294,7 @@ def train(cfg, workdir):
     return done
   if start is None:
     if cfg.get("init_from"):
-      state = trainer.with_params(_load_init(cfg))
+      state = trainer.with_params(_load_init(cfg, trainer.mesh, trainer.rules))
     else:
       state = trainer.init_state(jax.random.fold_in(key, 0))
     start = 0

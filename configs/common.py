@@ -46,7 +46,11 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     # Wan2.1-T2V-1.3B / -14B: heads of 128, umT5-XXL text (4096 wide, 512 tokens), patch (1,2,2)
     # over the VAE's 16 channels at stride 8. The DiT loads from Wan weights (convert/wan.py).
     m.update(freq_dim=256, patch=2, text_encoder="umt5", text_dim=4096, text_len=512,
-             autoencoder="wan_vae", ae_factor=8, latent_channels=16, remat="full", dtype="bfloat16")
+             autoencoder="wan_vae", ae_factor=8, latent_channels=16, remat="full", dtype="bfloat16",
+             tokenizer="",  # the checkpoint's tokenizer/ folder: configs/wan/*.py set it
+             umt5=dict(vocab=256384, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
+                       num_buckets=32, max_distance=128),  # umT5-XXL's encoder; d_model = text_dim
+             vae=dict())  # WanVAEConfig fields; empty = Wan2.1's VAE
     m.update(dict(dim=1536, layers=30, heads=12, ffn_dim=8960) if preset == "wan1.3b" else
              dict(dim=5120, layers=40, heads=40, ffn_dim=13824))
   return m
@@ -59,3 +63,22 @@ def mesh_config(preset: str) -> ml_collections.ConfigDict:
 
 def sharding_rules():
   return [list(r) for r in sharding.DEFAULT_RULES]
+
+
+def wan_stage(get_config, arg):
+  """A stage config for Wan2.1 weights: the preset's training settings (default wan1.3b) and a
+  model read from the diffusers folder `dir`, so the same file serves 1.3B, 14B and tiny test
+  folders. Stage 1 initialises from the folder itself."""
+  a = parse_arg(arg, preset="wan1.3b", dir="")
+  if not a.dir:
+    raise ValueError("give the Wan2.1 diffusers folder: --config=configs/wan/<stage>.py:wan1.3b,"
+                     "dir=/path/to/Wan2.1-T2V-1.3B-Diffusers")
+  from anchoredit_jax.convert.wan import model_config_from_dir
+  c = get_config(a.preset)
+  c.model.update(model_config_from_dir(a.dir))
+  if c.stage == "pretrain":
+    c.init_from = a.dir
+  for k, v in a.items():
+    if k not in ("preset", "dir"):
+      c[k] = v
+  return c

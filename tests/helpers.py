@@ -47,3 +47,19 @@ def random_model(cfg, seed=0):
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def word_tokenizer(texts, path):
+  """A tiny T5-style Hugging Face tokenizer (pad 0, eos 1, unk 2) learnt from `texts`, saved to
+  `path` the way checkpoints ship theirs; nothing is downloaded."""
+  import transformers
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+  tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+  tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                              eos_token="</s>", unk_token="<unk>")
+  fast.save_pretrained(path)
+  return str(path)

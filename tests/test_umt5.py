@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from anchoredit_jax.models.text import TextEncoder  # noqa: E402
+from tests.helpers import word_tokenizer  # noqa: E402
 from anchoredit_jax.models.umt5 import (  # noqa: E402
     load_tokenizer, load_umt5, precompute_text_embeddings, relative_position_buckets, tokenize)
 
@@ -53,19 +54,7 @@ def _rel_err(ours, ref):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-  tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-  tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  # T5's special ids: pad 0, eos 1, unk 2
-  special = ["<pad>", "</s>", "<unk>"]
-  tok.train_from_iterator(INSTRUCTIONS, trainers.WordLevelTrainer(special_tokens=special))
-  tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                              eos_token="</s>", unk_token="<unk>")
-  path = tmp_path_factory.mktemp("tokenizer")
-  fast.save_pretrained(path)
-  return str(path)
+  return word_tokenizer(INSTRUCTIONS, tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,8 @@ def load_wan_dit(path, cfg, latent_channels: int, *, mesh=None, rules=None) -> n
   """CausalDiT(cfg) parameters from a Wan2.1 checkpoint, as an nnx.State of global arrays
   sharded over `mesh` by the parameters' logical names (one device when mesh is None)."""
   path = transformer_dir(path)
+  if not path.exists():
+    raise FileNotFoundError(f"Wan transformer checkpoint {path} not found")
   _check_config(path, cfg, latent_channels)
   tensors = open_checkpoint(path)
   prefix, column = _layout(tensors)
@@ -192,3 +194,60 @@ def load_wan_dit(path, cfg, latent_channels: int, *, mesh=None, rules=None) -> n
 
   arrays = [make(*p, s) for p, s in zip(plan, shardings)]
   return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+# ------------------------------------------------------------------ a whole diffusers pipeline
+
+PARTS = ("transformer/config.json", "text_encoder/config.json", "vae/config.json", "tokenizer")
+
+
+def is_wan_pipeline(path) -> bool:
+  return (Path(path) / "transformer" / "config.json").is_file()
+
+
+def _pipeline_dir(path) -> Path:
+  path = Path(path)
+  missing = [p for p in PARTS if not (path / p).exists()]
+  if missing:
+    raise FileNotFoundError(
+        f"{path} is not a Wan2.1 diffusers folder (no {', '.join(missing)}); download one, e.g. "
+        f"huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir {path}")
+  return path
+
+
+def model_config_from_dir(path) -> dict:
+  """Model-config fields (DiT sizes, umT5 and VAE architecture, tokenizer folder) of a Wan2.1
+  diffusers folder, so a config follows whatever size of Wan it is pointed at."""
+  import dataclasses
+  from anchoredit_jax.models.umt5 import _config_kwargs
+  from anchoredit_jax.models.wan_vae import read_config
+  path = _pipeline_dir(path)
+  fields = model_fields(json.loads((path / PARTS[0]).read_text()))
+  umt5 = _config_kwargs(json.loads((path / PARTS[1]).read_text()), {}, path / "text_encoder")
+  vae = dataclasses.asdict(read_config(path / "vae"))
+  if vae["z_dim"] != fields["latent_channels"]:
+    raise ValueError(f"{path}: the VAE has {vae['z_dim']} latent channels, the transformer "
+                     f"{fields['latent_channels']}; the folder mixes two models")
+  return dict(fields, text_encoder="umt5", text_dim=umt5.pop("d_model"), umt5=umt5,
+              autoencoder="wan_vae", ae_factor=2 ** (len(vae["dim_mult"]) - 1),
+              vae={k: list(v) if isinstance(v, tuple) else v for k, v in vae.items()},
+              tokenizer=str(path / "tokenizer"), abs_pos=False, prediction="velocity")
+
+
+def load_wan_pipeline(path, model_cfg, *, mesh=None, rules=None) -> nnx.State:
+  """EditModel parameters from a Wan2.1 diffusers folder: the DiT loaded sharded (see
+  load_wan_dit), umT5 and the VAE whole on each process (they stay frozen in training)."""
+  from anchoredit_jax.models.model import abstract_split, latent_channels
+  from anchoredit_jax.models.umt5 import load_umt5
+  from anchoredit_jax.models.wan_vae import WanVAEConfig, load_wan_vae
+  path = _pipeline_dir(path)
+  if model_cfg.text_encoder != "umt5" or model_cfg.autoencoder != "wan_vae":
+    raise ValueError("this model config has no umT5 / Wan VAE; build it from the folder "
+                     "(configs/wan/<stage>.py with dir=...)")
+  _, params = abstract_split(model_cfg)
+  params["dit"] = load_wan_dit(path, model_cfg, latent_channels(model_cfg), mesh=mesh, rules=rules)
+  params["text"] = nnx.state(load_umt5(path / "text_encoder", max_len=model_cfg.text_len), nnx.Param)
+  vae_cfg = WanVAEConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                            for k, v in model_cfg.vae.items()})
+  params["vae"] = nnx.state(load_wan_vae(path / "vae", vae_cfg), nnx.Param)
+  return params

@@ -23,12 +23,12 @@ def shard_indices(ds, process_index: int, process_count: int):
 
 
 def example_from_seed(seed: int, *, split, res, num_turns, text_len, ops=None,
-                      background="procedural") -> dict:
+                      background="procedural", tokenizer="bytes") -> dict:
   """One sequence as a dict of numpy arrays only (no strings or scene objects)."""
   seq = shapes.make_sequence(int(seed), num_turns, res, split, ops=ops, background=background)
   return {
       "images": seq["images"],                                     # uint8 [T+1, res, res, 3]
-      "tokens": tokenize_batch(seq["instructions"], text_len),     # int32 [T, text_len]
+      "tokens": tokenize_batch(seq["instructions"], text_len, tokenizer),  # int32 [T, text_len]
       "ops": seq["ops"],                                           # int32 [T]
       "edit_masks": seq["edit_masks"],                             # bool [T, res, res]
       "identity_masks": seq["identity_masks"],                     # bool [T, res, res]
@@ -37,7 +37,7 @@ def example_from_seed(seed: int, *, split, res, num_turns, text_len, ops=None,
 
 def make_map_dataset(*, split, res, num_turns, text_len, seed, ops=None, background="procedural",
                      num_sequences=DEFAULT_NUM_SEQUENCES, shuffle=True, process_index=None,
-                     process_count=None) -> grain.MapDataset:
+                     process_count=None, tokenizer="bytes") -> grain.MapDataset:
   """Unbatched random-access dataset of this process's shard (for tests and eval loops)."""
   if process_index is None or process_count is None:
     import jax  # deferred: only the default sharding needs it
@@ -47,13 +47,14 @@ def make_map_dataset(*, split, res, num_turns, text_len, seed, ops=None, backgro
     ds = ds.shuffle(seed=seed)
   return ds.map(lambda i: example_from_seed(
       i, split=split, res=res, num_turns=num_turns, text_len=text_len, ops=ops,
-      background=background))
+      background=background, tokenizer=tokenizer))
 
 
 def make_dataset(*, split, res, num_turns, batch_size, text_len, seed, ops=None,
                  background="procedural", num_epochs=None, worker_threads=1,
                  worker_processes=0, prefetch_batches=8, num_sequences=DEFAULT_NUM_SEQUENCES,
-                 shuffle=True, process_index=None, process_count=None) -> grain.IterDataset:
+                 shuffle=True, process_index=None, process_count=None,
+                 tokenizer="bytes") -> grain.IterDataset:
   """Batched, prefetched IterDataset of ShapesEdit sequences.
 
   Batches: images uint8 [B, T+1, res, res, 3], tokens int32 [B, T, text_len], ops int32 [B, T],
@@ -73,7 +74,7 @@ def make_dataset(*, split, res, num_turns, batch_size, text_len, seed, ops=None,
   ds = make_map_dataset(split=split, res=res, num_turns=num_turns, text_len=text_len, seed=seed,
                         ops=ops, background=background, num_sequences=num_sequences,
                         shuffle=shuffle, process_index=process_index,
-                        process_count=process_count)
+                        process_count=process_count, tokenizer=tokenizer)
   ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=worker_threads,
                                                prefetch_buffer_size=prefetch_batches))

@@ -1,8 +1,11 @@
-"""Byte-level instruction tokens: the vocabulary every TextEncoder in this project can read.
+"""Instruction tokens. Byte-level by default; a model with a pretrained text encoder (umT5) uses
+the Hugging Face tokenizer saved with its weights (`model.tokenizer`, a local folder).
 
-Token ids: 0 = pad, 1 = begin, 2 = end, 3 + byte for each UTF-8 byte. An empty instruction is
+Byte token ids: 0 = pad, 1 = begin, 2 = end, 3 + byte for each UTF-8 byte. An empty instruction is
 [begin, end] (the unconditional input used for classifier-free guidance), so no row is all padding.
 """
+import functools
+
 import numpy as np
 
 PAD, BOS, EOS, BYTE_OFFSET = 0, 1, 2, 3
@@ -23,9 +26,34 @@ def tokenize(text: str, max_len: int) -> np.ndarray:
   return ids
 
 
-def tokenize_batch(texts, max_len: int) -> np.ndarray:
-  """Sequence of instructions -> int32 [len(texts), max_len]."""
-  return np.stack([tokenize(t, max_len) for t in texts]) if texts else np.zeros((0, max_len), np.int32)
+def tokenize_batch(texts, max_len: int, tokenizer: str = "bytes") -> np.ndarray:
+  """Sequence of instructions -> int32 [len(texts), max_len]; `tokenizer` is "bytes" or the
+  folder of a Hugging Face tokenizer (which pads with 0 and truncates, as Wan does)."""
+  if not texts:
+    return np.zeros((0, max_len), np.int32)
+  if tokenizer == "bytes":
+    return np.stack([tokenize(t, max_len) for t in texts])
+  from anchoredit_jax.models import umt5
+  return umt5.tokenize(_hf_tokenizer(tokenizer), list(texts), max_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(path: str):
+  if not path:
+    raise ValueError("model.tokenizer is empty: a umT5 model needs its tokenizer folder; use "
+                     "configs/wan/<stage>.py with dir=<Wan2.1 diffusers folder>")
+  from anchoredit_jax.models import umt5
+  return umt5.load_tokenizer(path)
+
+
+def tokenizer_of(model_cfg) -> str:
+  """The tokenizer a model config reads instructions with ("bytes" for configs from before umT5)."""
+  return model_cfg.get("tokenizer", "bytes") if model_cfg.text_encoder == "umt5" else "bytes"
+
+
+def tokenize_for(model_cfg, texts) -> np.ndarray:
+  """Instructions -> int32 [len(texts), text_len] the way this model reads them."""
+  return tokenize_batch(list(texts), model_cfg.text_len, tokenizer_of(model_cfg))
 
 
 def detokenize(ids) -> str:

@@ -125,7 +125,7 @@ class _Bidir:
   def start(self, source):
     from anchoredit_jax.stages.pretrain import empty_tokens
     b = source.shape[0]
-    empty = jnp.broadcast_to(empty_tokens(self.cfg.model.text_len), (b, 1, self.cfg.model.text_len))
+    empty = jnp.broadcast_to(empty_tokens(self.cfg.model), (b, 1, self.cfg.model.text_len))
     return self.ae.encode(jnp.asarray(source))[:, None], empty
 
   def prepare(self, state, tokens, rng):

@@ -3,24 +3,59 @@
 Used functionally: `graphdef, params = nnx.split(build(cfg, rngs))` once, then every jitted
 function takes `params` and calls `nnx.merge(graphdef, params)` inside.
 """
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from anchoredit_jax.memory import AnchorMemory
-from anchoredit_jax.models.autoencoder import PixelAutoencoder
+from anchoredit_jax.models.autoencoder import PixelAutoencoder, WanVAE, WanVAEConfig
 from anchoredit_jax.models.dit import CausalDiT
 from anchoredit_jax.models.text import ByteTextEncoder
+from anchoredit_jax.models.umt5 import UMT5Encoder
+
+AUTOENCODERS, TEXT_ENCODERS = ("pixel", "wan_vae"), ("bytes", "umt5")
 
 
 def make_autoencoder(cfg):
+  """The parameter-free autoencoder of a config (the Wan VAE has weights: use model.autoencoder)."""
   if cfg.autoencoder == "pixel":
     return PixelAutoencoder(cfg.ae_factor)
-  raise NotImplementedError(f"autoencoder {cfg.autoencoder!r} is not available yet (use 'pixel')")
+  raise ValueError(f"autoencoder {cfg.autoencoder!r} has parameters; use EditModel.autoencoder")
+
+
+def latent_shape(cfg, res: int) -> tuple[int, int, int]:
+  """(h, w, channels) of the latent of a res x res image, without building the autoencoder."""
+  if res % cfg.ae_factor:
+    raise ValueError(f"resolution {res} is not a multiple of the autoencoder factor {cfg.ae_factor}")
+  return (res // cfg.ae_factor, res // cfg.ae_factor, latent_channels(cfg))
 
 
 def latent_channels(cfg) -> int:
   return 3 * cfg.ae_factor ** 2 if cfg.autoencoder == "pixel" else cfg.latent_channels
+
+
+def frozen_parts(cfg) -> tuple[str, ...]:
+  """Top-level parts of the params that training leaves alone: pretrained encoders (umT5, the Wan
+  VAE) stay as loaded, as in Wan's own training; the byte encoder trains with the DiT."""
+  return (("text",) if cfg.text_encoder == "umt5" else ()) + (("vae",) if cfg.autoencoder == "wan_vae" else ())
+
+
+def _kwargs(sub) -> dict:
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in sub.items()}
+
+
+class _FrozenAutoencoder:
+  """A learned autoencoder seen through stop_gradient, so no loss ever reaches its weights."""
+
+  def __init__(self, ae):
+    self.ae, self.channels, self.latent_shape = ae, ae.channels, ae.latent_shape
+
+  def encode(self, images):
+    return jax.lax.stop_gradient(self.ae.encode(images))
+
+  def decode(self, latents):
+    return self.ae.decode(latents)
 
 
 class EditModel(nnx.Module):
@@ -28,21 +63,33 @@ class EditModel(nnx.Module):
   def __init__(self, cfg, *, rngs):
     cfg = ml_collections.FrozenConfigDict(cfg)  # hashable, so the graphdef can be a jit static arg
     self.cfg = cfg
-    if cfg.text_encoder != "bytes":
-      raise NotImplementedError(f"text encoder {cfg.text_encoder!r} is not available yet (use 'bytes')")
-    self.text = ByteTextEncoder(dim=cfg.text_dim, layers=cfg.text_layers, heads=cfg.text_heads,
-                                max_len=cfg.text_len, rngs=rngs)
+    if cfg.text_encoder not in TEXT_ENCODERS or cfg.autoencoder not in AUTOENCODERS:
+      raise ValueError(f"model.text_encoder={cfg.text_encoder!r} / model.autoencoder="
+                       f"{cfg.autoencoder!r}: choose from {TEXT_ENCODERS} / {AUTOENCODERS}")
+    if cfg.text_encoder == "bytes":
+      self.text = ByteTextEncoder(dim=cfg.text_dim, layers=cfg.text_layers, heads=cfg.text_heads,
+                                  max_len=cfg.text_len, rngs=rngs)
+    else:  # umT5 sizes live in cfg.umt5 (the Wan presets, or read from a Wan directory)
+      self.text = UMT5Encoder(**_kwargs(cfg.umt5), d_model=cfg.text_dim, max_len=cfg.text_len,
+                              rngs=rngs)
+    self.vae = WanVAE(WanVAEConfig(**_kwargs(cfg.vae)), rngs=rngs) if cfg.autoencoder == "wan_vae" else None
     self.dit = CausalDiT(cfg, latent_channels=latent_channels(cfg), rngs=rngs)
 
   @property
   def autoencoder(self):
-    return make_autoencoder(self.cfg)
+    return make_autoencoder(self.cfg) if self.vae is None else _FrozenAutoencoder(self.vae)
+
+  def encode_text(self, tokens):
+    """tokens [..., l] -> (embeddings [..., l, text_dim], mask [..., l]); no gradient reaches a
+    frozen encoder."""
+    text, mask = self.text(tokens)
+    return (jax.lax.stop_gradient(text), mask) if "text" in frozen_parts(self.cfg) else (text, mask)
 
   def __call__(self, x, t, tokens, turn_pos, *, cond=None, context=None, causal=True):
     """Velocity for T turns: x [b,T,H,W,C], t [b,T], tokens [b,T,l] -> (v, kv per layer).
     `tokens` may also be the text encoder's output (embeddings, mask) for them, so a sampler
     encodes a turn's instruction once rather than at each of its steps."""
-    text, text_mask = tokens if isinstance(tokens, tuple) else self.text(tokens)
+    text, text_mask = tokens if isinstance(tokens, tuple) else self.encode_text(tokens)
     return self.dit(x, t, text, text_mask, turn_pos, cond=cond, context=context, causal=causal)
 
 
@@ -57,7 +104,7 @@ def abstract_split(cfg):
 
 def init_memory(cfg, batch: int, res: int, window: int, use_anchor: bool = True):
   """An empty AnchorMemory sized for this model and resolution."""
-  h, w, c = make_autoencoder(cfg).latent_shape(res)
+  h, w, c = latent_shape(cfg, res)
   p = cfg.patch
   return AnchorMemory.init(layers=cfg.layers, batch=batch, window=window, grid=(h // p, w // p),
                            heads=cfg.heads, head_dim=cfg.dim // cfg.heads, latent_shape=(h, w, c),

@@ -1,7 +1,8 @@
 """Instruction encoders. Every encoder maps int32 tokens [..., l] to ([..., l, text_dim], mask).
 
 `ByteTextEncoder` is the first implementation: a small pre-LN transformer over UTF-8 bytes
-(`data/tokenize.py`), trained jointly with the DiT. umT5 plugs in behind the same interface later.
+(`data/tokenize.py`), trained jointly with the DiT. `UMT5Encoder` (`umt5.py`, Wan2.1's encoder,
+frozen in training) implements the same interface.
 """
 from typing import Protocol
 

@@ -35,7 +35,7 @@ def rollout_inputs(model, cfg, batch):
   mcfg = model.cfg
   lat = model.autoencoder.encode(batch["images"])  # [b,K+1,H,W,C]
   b, K = lat.shape[0], lat.shape[1] - 1
-  empty = jnp.broadcast_to(empty_tokens(mcfg.text_len), (b, mcfg.text_len))
+  empty = jnp.broadcast_to(empty_tokens(mcfg), (b, mcfg.text_len))
   mem = init_memory(mcfg, b, batch["images"].shape[2], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
   swap = lambda a: jnp.swapaxes(a, 0, 1)
   xs = (jnp.arange(1, K + 1), swap(lat[:, 1:]), swap(batch["tokens"]), swap(batch["edit_masks"]))

@@ -17,13 +17,14 @@ from flax import nnx
 
 from anchoredit_jax import flow
 from anchoredit_jax.data.shapes import OPS
-from anchoredit_jax.data.tokenize import tokenize
+from anchoredit_jax.data.tokenize import tokenize_for
 from anchoredit_jax.eval import metrics
 from anchoredit_jax.models.model import prev_cond
 
 
-def empty_tokens(text_len: int):
-  return jnp.asarray(tokenize("", text_len))
+def empty_tokens(model_cfg):
+  """The empty instruction [text_len] (the unconditional input of classifier-free guidance)."""
+  return jnp.asarray(tokenize_for(model_cfg, [""])[0])
 
 
 def velocity(model, src, x_t, t, tokens):
@@ -32,7 +33,7 @@ def velocity(model, src, x_t, t, tokens):
   if mcfg.source_context:
     x = jnp.stack([src, x_t], axis=1)
     ts = jnp.stack([jnp.zeros_like(t), t], axis=1)
-    toks = jnp.stack([jnp.broadcast_to(empty_tokens(mcfg.text_len), tokens.shape), tokens], axis=1)
+    toks = jnp.stack([jnp.broadcast_to(empty_tokens(mcfg), tokens.shape), tokens], axis=1)
     pos = jnp.broadcast_to(jnp.arange(2), (b, 2))
     cond = prev_cond(jnp.stack([src, src], axis=1)) if mcfg.concat_prev else None
     return model(x, ts, toks, pos, cond=cond)[0][:, 1]
@@ -50,7 +51,7 @@ def loss_fn(params, graphdef, batch, rng, cfg):
   t = flow.sample_time(r_t, (b,), mean=cfg.flow.t_mean, std=cfg.flow.t_std, shift=cfg.flow.shift)
   noise = jax.random.normal(r_noise, x0.shape)
   drop = jax.random.bernoulli(r_drop, cfg.flow.p_uncond, (b,))
-  tokens = jnp.where(drop[:, None], empty_tokens(cfg.model.text_len), batch["tokens"][:, 0])
+  tokens = jnp.where(drop[:, None], empty_tokens(cfg.model), batch["tokens"][:, 0])
   v = velocity(model, src, flow.add_noise(x0, noise, t), t, tokens)
   loss, mse = edit_weighted_loss(v, x0, noise, batch["edit_masks"][:, 0], cfg.flow.edit_weight)
   return loss, {"loss": loss, "mse": mse}
@@ -82,7 +83,7 @@ def sample(params, graphdef, src_images, tokens, rng, *, steps, guidance, shift)
   model = nnx.merge(graphdef, params)
   ae = model.autoencoder
   src = ae.encode(src_images)
-  uncond = jnp.broadcast_to(empty_tokens(model.cfg.text_len), tokens.shape)
+  uncond = jnp.broadcast_to(empty_tokens(model.cfg), tokens.shape)
 
   def velocity_fn(x, t, guided):
     tb = jnp.full((x.shape[0],), t)

@@ -1,0 +1,110 @@
+"""Training from a Wan2.1 diffusers folder: configs/wan/*.py read the model from the folder, stage 1
+starts from its weights, umT5 and the VAE stay frozen, stage 2 follows. The folder is a tiny
+random one written by diffusers / transformers themselves (transformer, vae, text_encoder,
+tokenizer), so the same code path as for Wan2.1-T2V-1.3B-Diffusers is exercised."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from anchoredit_jax.checkpoint import flat_params, load_params  # noqa: E402
+from anchoredit_jax.convert import wan  # noqa: E402
+from anchoredit_jax.data import shapes  # noqa: E402
+from configs import common  # noqa: E402
+from configs.wan import pretrain as wan_pretrain  # noqa: E402
+from tests.helpers import word_tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C, TEXT_DIM = 4, 32
+
+
+def _perturb(model):
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+  torch.manual_seed(0)
+  root = tmp_path_factory.mktemp("Wan-tiny-Diffusers")
+  _perturb(diffusers.WanTransformer3DModel(
+      patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=C,
+      out_channels=C, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2)
+  ).save_pretrained(root / "transformer")
+  _perturb(diffusers.AutoencoderKLWan(
+      base_dim=8, z_dim=C, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+      temperal_downsample=[False, True, True], latents_mean=[0.1] * C, latents_std=[1.5] * C)
+  ).save_pretrained(root / "vae")
+  _perturb(transformers.UMT5EncoderModel(transformers.UMT5Config(
+      vocab_size=128, d_model=TEXT_DIM, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+      relative_attention_num_buckets=8, relative_attention_max_distance=16))
+  ).save_pretrained(root / "text_encoder")
+  texts = [t for s in range(40) for t in shapes.make_sequence(s, 3, 32, "train")["instructions"]]
+  word_tokenizer(texts, root / "tokenizer")
+  return root
+
+
+def test_config_follows_the_folder(wan_folder):
+  cfg = wan_pretrain.get_config(f"smoke,dir={wan_folder}")
+  m = cfg.model
+  assert (m.dim, m.layers, m.heads, m.text_dim, m.latent_channels, m.ae_factor) == (32, 2, 2, 32, C, 8)
+  assert m.text_encoder == "umt5" and m.autoencoder == "wan_vae" and m.umt5.num_layers == 2
+  assert cfg.init_from == str(wan_folder) and m.tokenizer.endswith("tokenizer")
+  with pytest.raises(ValueError, match="give the Wan2.1 diffusers folder"):
+    wan_pretrain.get_config("smoke")
+  with pytest.raises(FileNotFoundError, match=r"not a Wan2.1 diffusers folder \(no transformer/config.json"):
+    wan_pretrain.get_config(f"smoke,dir={wan_folder / 'vae'}")
+  # the full-size presets carry the umT5-XXL / Wan VAE architecture without a folder
+  assert common.model_config("wan1.3b").umt5.num_layers == 24
+
+
+def _train(config, workdir, *extra):
+  cmd = [sys.executable, "-m", "anchoredit_jax.train", f"--config={config}", f"--workdir={workdir}",
+         *extra]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")  # a real mesh
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_stages_1_and_2_train_from_the_folder_with_frozen_encoders(wan_folder, tmp_path):
+  out = _train(f"configs/wan/pretrain.py:smoke,dir={wan_folder}", tmp_path / "pretrain",
+               "--config.train.steps=2", "--config.eval.pairs=2", "--config.eval.batch_size=2")
+  assert "initialised from the Wan2.1 weights" in out.stdout
+  _, _, trained, step = load_params(tmp_path / "pretrain")
+  assert step == 2
+  cfg = wan_pretrain.get_config(f"smoke,dir={wan_folder}")
+  loaded = flat_params(wan.load_wan_pipeline(wan_folder, cfg.model))
+  trained = flat_params(trained)
+  assert set(trained) == set(loaded)
+  for k in trained:
+    if k.startswith(("text/", "vae/")):  # frozen: exactly as loaded
+      np.testing.assert_array_equal(trained[k], loaded[k], err_msg=k)
+  moved = [k for k in trained if k.startswith("dit/") and not np.array_equal(trained[k], loaded[k])]
+  assert len(moved) > 0.9 * sum(k.startswith("dit/") for k in trained)
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert np.isfinite(summary["loss"] if "loss" in summary else summary["step"])
+
+  _train(f"configs/wan/causal.py:smoke,dir={wan_folder}", tmp_path / "causal",
+         f"--config.init_from={tmp_path / 'pretrain'}", "--config.train.steps=1",
+         "--config.eval.pairs=0")
+  assert load_params(tmp_path / "causal")[3] == 1
+
+
+def test_loader_shards_the_dit_on_a_mesh(wan_folder):
+  from anchoredit_jax import sharding as sh
+  cfg = wan_pretrain.get_config(f"smoke,dir={wan_folder}")
+  mesh = sh.make_mesh(dict(data=1, fsdp=4, tensor=2))
+  params = wan.load_wan_pipeline(wan_folder, cfg.model, mesh=mesh)
+  kernel = params["dit"]["blocks"]["ffn"]["fc1"]["kernel"][...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
