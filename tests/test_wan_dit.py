@@ -225,3 +225,26 @@ def test_full_size_presets_have_diffusers_parameter_count(preset, approx):
         text_dim=m.text_dim, freq_dim=m.freq_dim, ffn_dim=m.ffn_dim, num_layers=m.layers)
   assert ours == sum(p.numel() for p in ref.parameters())
   assert abs(ours - approx) / approx < 0.01, ours
+
+
+def test_one_shared_instruction_equals_it_repeated_per_turn(wan_dir):
+  """text [b,1,...] (projected once, as a video prompt) gives what text repeated per turn gives."""
+  path, model = wan_dir
+  cfg, lc = our_config(path)
+  state = wan.load_wan_dit(path, cfg, lc)
+  x, text = inputs()
+  t = np.full((2, 3), 0.5, np.float32)
+  graphdef = nnx.split(nnx.eval_shape(lambda: CausalDiT(cfg, latent_channels=lc, rngs=nnx.Rngs(0))))[0]
+  shared, _ = nnx.merge(graphdef, state)(x, t, text[:, None], jnp.ones((2, 1, TEXT_LEN), bool),
+                                         jnp.broadcast_to(jnp.arange(3), (2, 3)), causal=False)
+  assert rel_err(shared, run_ours(cfg, lc, state, x, t, text, causal=False)) <= 1e-6
+  assert rel_err(shared, run_theirs(model, x, np.full((2,), 500.0), text)) <= 1e-5
+
+
+def test_vs_pytorch_benchmark_runs_and_agrees(tmp_path, capsys):
+  from benchmark import vs_pytorch
+  vs_pytorch.main(["--layers", "1", "--dim", "128", "--tokens", "16", "--text-len", "8",
+                   "--text-dim", "16", "--reps", "1", "--no-compile", "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "vs_pytorch.json").read_text())
+  assert result["max_abs_diff"] < 1e-4 and set(result["median_s"]) == {"ours (jax.jit)", "diffusers eager"}
+  assert "ours / best PyTorch" in capsys.readouterr().out

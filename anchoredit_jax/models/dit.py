@@ -55,7 +55,7 @@ class Block(nnx.Module):
     self.modulation = param(rngs, nnx.initializers.normal(d ** -0.5), (1, 6, d), (None, None, sh.EMBED))
 
   def __call__(self, x, e0, text, text_mask, ang, mask, context=None):
-    """x [b,T,n,d]; e0 [b,T,6,d]; text [b,T,l,d]; text_mask [b,T,l]; ang [b,T*n,k/2]."""
+    """x [b,T,n,d]; e0 [b,T,6,d]; text [b,T|1,l,d]; text_mask [b,T|1,l]; ang [b,T*n,k/2]."""
     b, T, n, d = x.shape
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
         (self.modulation[None] + e0).astype(x.dtype)[:, :, :, None, :], 6, axis=2)  # each [b,T,1,1,d]
@@ -64,8 +64,9 @@ class Block(nnx.Module):
     y = self.norm1(x) * (1 + scale1) + shift1
     y, kv = self.self_attn(y.reshape(b, T * n, d), ang, mask, context)
     x = x + y.reshape(b, T, n, d) * gate1
-    y = self.cross_attn(self.norm3(x).reshape(b * T, n, d), text.reshape(b * T, -1, d),
-                        text_mask.reshape(b * T, -1))
+    Tt = text.shape[1]  # T (an instruction per turn) or 1 (one shared by every turn, as a video prompt)
+    y = self.cross_attn(self.norm3(x).reshape(b * Tt, (T // Tt) * n, d), text.reshape(b * Tt, -1, d),
+                        text_mask.reshape(b * Tt, -1))
     x = x + y.reshape(b, T, n, d)
     x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
     return sh.constrain(x, (sh.BATCH, None, sh.LENGTH, sh.EMBED)), kv
@@ -99,8 +100,9 @@ class CausalDiT(nnx.Module):
     """Denoise T turns at once.
 
     x [b,T,H,W,C] noisy latents; t [b,T] in [0,1] (0 = clean); text [b,T,l,text_dim] with
-    text_mask [b,T,l]; turn_pos [b,T] RoPE turn index of each turn; cond [b,T,H,W,C+1] previous
-    clean turn + flag (needed iff cfg.concat_prev); context: memory keys
+    text_mask [b,T,l], or [b,1,...] for one instruction shared by all T turns (then projected
+    once, as a video model's prompt); turn_pos [b,T] RoPE turn index of each turn;
+    cond [b,T,H,W,C+1] previous clean turn + flag (needed iff cfg.concat_prev); context: memory keys
     (k [L,b,m,h,k], v [L,b,m,h,k], positions [b,m,3], valid [b,m]) or None.
     Returns (velocity [b,T,H,W,C], (k, v) [L,b,T*n,h,k] of these turns, before RoPE).
     """
