@@ -85,23 +85,25 @@ def test_images_match_reference(reference, ours):
   assert rel_err(got, want[:, 0]) <= 1e-4, rel_err(got, want[:, 0])
 
 
-def test_clip_matches_reference(reference, ours):
+@pytest.mark.parametrize("F", [5, 9])  # the 5-frame clip; 9 = frame 0 + two chunks
+def test_clip_matches_reference(reference, ours, F):
   ref, (_, params, fn) = reference[1], ours
   rng = np.random.default_rng(1)
-  frames = rng.random((1, 9, 16, 16, 3), dtype=np.float32)
+  T = 1 + (F - 1) // 4
+  frames = rng.random((1, F, 16, 16, 3), dtype=np.float32)
   want = _ref_encode(ref, frames)
   got = fn["encode_video"](params, frames)
-  assert got.shape == want.shape == (1, 3, 2, 2, 16)
+  assert got.shape == want.shape == (1, T, 2, 2, 16)
   assert rel_err(got, want) <= 1e-4, rel_err(got, want)
   # Frames after the first must matter (a clip encoded frame by frame would fail this).
-  per_frame = np.concatenate([fn["encode"](params, frames[:, t])[:, None] for t in (0, 4, 8)], 1)
+  per_frame = np.concatenate([fn["encode"](params, frames[:, t])[:, None] for t in range(0, F, 4)], 1)
   assert rel_err(per_frame, want) > 1e-2
 
-  latents = rng.standard_normal((1, 3, 2, 2, 16)).astype(np.float32)
+  latents = rng.standard_normal((1, T, 2, 2, 16)).astype(np.float32)
   want, clamped = _ref_decode(ref, latents)
   got = fn["decode_video"](params, latents)
   assert clamped < 0.01 and np.std(want) > 0.05
-  assert got.shape == want.shape == (1, 9, 16, 16, 3)
+  assert got.shape == want.shape == (1, F, 16, 16, 3)
   assert rel_err(got, want) <= 1e-4, rel_err(got, want)
 
 
