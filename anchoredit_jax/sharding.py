@@ -34,17 +34,33 @@ _ACTIVE = {"mesh": None, "rules": DEFAULT_RULES}
 
 
 def make_mesh(shape: dict, devices=None) -> Mesh:
-  """Mesh over `devices` (default all) with axes (data, fsdp, tensor); -1 takes what is left."""
+  """Mesh over `devices` (default all) with axes (data, fsdp, tensor).
+
+  `shape` gives each axis's size within a slice (data, fsdp, tensor; one may be -1: what is left)
+  and, for several slices joined over the data-centre network, `dcn_data`, `dcn_fsdp`,
+  `dcn_tensor` (default 1). Axis a then has size a * dcn_a, with the slow links on the outer
+  (dcn) part; on CPU and GPU each process counts as a slice."""
   devices = list(jax.devices() if devices is None else devices)
+  dcn = [int(shape.get(f"dcn_{a}", 1)) for a in MESH_AXES]
+  if min(dcn) < 1 or len(devices) % math.prod(dcn):
+    raise ValueError(f"mesh: dcn sizes {dcn} do not divide the {len(devices)} devices")
+  per_slice = len(devices) // math.prod(dcn)
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh: at most one axis may be -1, got {shape}")
   known = math.prod(s for s in sizes if s != -1)
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
-                     f"there are {len(devices)}; set --config.mesh.* so the product matches")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  sizes = [per_slice // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != per_slice:
+    raise ValueError(f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices "
+                     f"per slice, there are {per_slice} ({len(devices)} in all, {math.prod(dcn)} "
+                     f"slices); set --config.mesh.* so the product matches")
+  if math.prod(dcn) == 1:
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+  from jax.experimental import mesh_utils
+  slices = {getattr(d, "slice_index", 0) for d in devices}  # CPU/GPU devices are all "slice 0"
+  grid = mesh_utils.create_hybrid_device_mesh(
+      sizes, dcn, devices, process_is_granule=len(slices) < math.prod(dcn))
+  return Mesh(grid, MESH_AXES)
 
 
 def logical_to_spec(names, rules=None) -> P:

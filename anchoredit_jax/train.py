@@ -317,6 +317,12 @@ def train(cfg, workdir):
 
   log = MetricLog(workdir)
   pairs = eval_pairs(cfg) if cfg.eval.pairs else None
+  if pairs is not None and jax.process_count() > 1:
+    # the evaluators read results back as host arrays, which a multi-process run does not hold
+    if jax.process_index() == 0:
+      print(f"note: held-out evaluation is skipped with {jax.process_count()} processes; run the "
+            "same command on one process to evaluate the checkpoint")
+    pairs = None
   eval_key = jax.random.key(cfg.eval.seed)
 
   def run_eval(step):
@@ -377,17 +383,30 @@ def main():
   # may also be running as __main__, and absl refuses a flag defined twice.
   config = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Stage config file[:preset].")
   workdir = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
+  coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
+                                    "several processes outside a TPU slice or SLURM job.")
+  num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  process_id = flags.DEFINE_integer("process_id", None, "This process's index.")
+  heartbeat = flags.DEFINE_integer("heartbeat_timeout", 60, "Seconds after which the other "
+                                   "processes give up on a silent (dead) one.")
 
   def run(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    cfg = config.value
+    from anchoredit_jax import distributed
     try:
+      distributed.initialize(coordinator.value, num_processes.value, process_id.value,
+                             heartbeat_timeout=heartbeat.value)
+      cfg = config.value
       summary = train(cfg, workdir.value or cfg.workdir)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
       print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
       sys.exit(2)
-    print(json.dumps(summary))
+    except jax.errors.JaxRuntimeError as e:  # e.g. a peer process died or never came up
+      print(f"error (process {jax.process_index()}): {str(e).splitlines()[0][:300]}", file=sys.stderr)
+      sys.exit(3)
+    if jax.process_index() == 0:
+      print(json.dumps(summary))
 
   app.run(run)
 

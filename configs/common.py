@@ -57,8 +57,10 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def mesh_config(preset: str) -> ml_collections.ConfigDict:
+  """Sizes within a slice (one may be -1: the rest) and across slices over the data-centre network
+  (dcn_*: TPU slices of a multislice job; on CPU/GPU each process counts as one)."""
   shape = dict(data=1, fsdp=-1, tensor=1) if preset in WAN_PRESETS else dict(data=-1, fsdp=1, tensor=1)
-  return ml_collections.ConfigDict(shape)
+  return ml_collections.ConfigDict(dict(shape, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
 
 
 def sharding_rules():

@@ -247,3 +247,17 @@ def test_tfds_tiny_builder_roundtrip(tmp_path):
   assert np.array_equal(ex["ops"], ref["ops"])
   assert np.array_equal(ex["edit_masks"], ref["edit_masks"])
   assert np.array_equal(ex["identity_masks"], ref["identity_masks"])
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  """Two processes' batches, stacked, are the one-process batch: same sequences, same order."""
+  kw = dict(split="train", res=32, num_turns=1, text_len=64, seed=3, num_sequences=64,
+            worker_threads=1, prefetch_batches=1)
+  one = iter(pipeline.make_dataset(batch_size=8, process_index=0, process_count=1, **kw))
+  two = [iter(pipeline.make_dataset(batch_size=4, process_index=p, process_count=2, **kw))
+         for p in range(2)]
+  for _ in range(3):
+    whole, halves = next(one), [next(it) for it in two]
+    np.testing.assert_array_equal(whole["images"], np.concatenate([h["images"] for h in halves]))
+  with pytest.raises(ValueError, match="process_index"):
+    pipeline.make_dataset(batch_size=4, process_index=2, process_count=2, **kw)

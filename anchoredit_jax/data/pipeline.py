@@ -22,6 +22,19 @@ def shard_indices(ds, process_index: int, process_count: int):
   return ds[process_index::process_count]
 
 
+def shard_batches(ds, batch_size: int, process_index: int, process_count: int):
+  """Process p's rows of every global batch: in each run of process_count * batch_size elements
+  it takes rows [p * batch_size, (p + 1) * batch_size). The global batch at every step is then
+  the same whatever the number of processes, so a run can resume on another process count and
+  a multi-process run computes what one process would."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  B = batch_size * process_count
+  n = len(ds) // B * batch_size
+  return grain.MapDataset.range(n).map(
+      lambda j: ds[(j // batch_size) * B + process_index * batch_size + j % batch_size])
+
+
 def example_from_seed(seed: int, *, split, res, num_turns, text_len, ops=None,
                       background="procedural", tokenizer="bytes") -> dict:
   """One sequence as a dict of numpy arrays only (no strings or scene objects)."""
@@ -59,7 +72,8 @@ def make_dataset(*, split, res, num_turns, batch_size, text_len, seed, ops=None,
 
   Batches: images uint8 [B, T+1, res, res, 3], tokens int32 [B, T, text_len], ops int32 [B, T],
   edit_masks / identity_masks bool [B, T, res, res]. `num_epochs=None` repeats forever
-  (reshuffling each epoch). Each jax process reads a disjoint strided shard of the indices.
+  (reshuffling each epoch). `batch_size` is per process: each jax process renders only its
+  rows of every global batch (`shard_batches`).
   Batching happens before `to_iter_dataset`, so each read thread renders whole batches and the
   iterator state is just the next batch index.
 
@@ -71,10 +85,15 @@ def make_dataset(*, split, res, num_turns, batch_size, text_len, seed, ops=None,
   shapes.check_sequence_args(num_turns, res, split, ops, background)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  ds = make_map_dataset(split=split, res=res, num_turns=num_turns, text_len=text_len, seed=seed,
-                        ops=ops, background=background, num_sequences=num_sequences,
-                        shuffle=shuffle, process_index=process_index,
-                        process_count=process_count, tokenizer=tokenizer)
+  if process_index is None or process_count is None:
+    import jax  # deferred: only the default sharding needs it
+    process_index, process_count = jax.process_index(), jax.process_count()
+  ds = grain.MapDataset.range(num_sequences)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = shard_batches(ds, batch_size, process_index, process_count).map(lambda i: example_from_seed(
+      i, split=split, res=res, num_turns=num_turns, text_len=text_len, ops=ops,
+      background=background, tokenizer=tokenizer))
   ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=worker_threads,
                                                prefetch_buffer_size=prefetch_batches))
