@@ -76,9 +76,10 @@ def load_reference(path):
   return cfg, graphdef, params, step
 
 
-def load_params(workdir, step=None):
+def load_params(workdir, step=None, mesh=None):
   """(cfg, graphdef, params, step) of `step` (default: the newest) of the run in `workdir`, or of
-  the reference checkpoint there."""
+  the reference checkpoint there. A run restores straight onto `mesh` (any mesh or process count;
+  default: this process's first device)."""
   from anchoredit_jax import sharding as sh
   from anchoredit_jax.train import Trainer  # deferred: train imports the stages
 
@@ -90,7 +91,8 @@ def load_params(workdir, step=None):
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints yet")
-    tr = Trainer(cfg, sh.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
+    mesh = mesh or sh.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
+    tr = Trainer(cfg, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           tr.abstract_state, tr.state_sh)
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]

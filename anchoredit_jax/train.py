@@ -94,11 +94,6 @@ class Trainer:
     check_config(cfg)
     self.cfg, self.stage = cfg, STAGES[cfg.stage]
     self.mesh = mesh or sh.make_mesh(dict(cfg.mesh))
-    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if cfg.train.batch_size % shards:
-      raise ValueError(f"train.batch_size={cfg.train.batch_size} does not split over the "
-                       f"{shards} data x fsdp devices of the mesh; change one of them "
-                       f"(--config.train.batch_size or --config.mesh.*)")
     self.rules = tuple(tuple(r) for r in cfg.sharding.rules)
     self.tx = make_optimizer(cfg.optim, cfg.train.steps, frozen_parts(cfg.model))
     self.graphdef, abs_params = abstract_split(cfg.model)
@@ -140,10 +135,23 @@ class Trainer:
       new["aux"] = self.stage.update_aux(state["aux"], new["params"], self.cfg)
     return new, metrics
 
+  def check_batch(self):
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if self.cfg.train.batch_size % shards:
+      raise ValueError(f"train.batch_size={self.cfg.train.batch_size} does not split over the "
+                       f"{shards} data x fsdp devices of the mesh; change one of them "
+                       f"(--config.train.batch_size or --config.mesh.*)")
+
   def with_params(self, params):
     """The state with `params` (e.g. from an earlier stage) and a fresh optimizer state. The
-    params may live anywhere (one device after load_params): they are resharded onto this mesh."""
-    params = jax.device_put(params, self.state_sh["params"])
+    params may live anywhere (host arrays of a reference checkpoint, one device, another mesh):
+    they are placed onto this trainer's mesh."""
+    def place(x, sharding):
+      if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+      host = np.asarray(x)  # the same full value on every process: each takes its own shards
+      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    params = jax.tree.map(place, params, self.state_sh["params"])
     with sh.use_mesh(self.mesh, self.rules):
       return jax.jit(self._fresh, out_shardings=self.state_sh)(params)
 
@@ -256,7 +264,7 @@ def _load_init(cfg, mesh=None, rules=None):
     raise FileNotFoundError(
         f"init_from={src} has no checkpoint; make it first with: python -m anchoredit_jax.train "
         f"--config=configs/{prev}.py:{cfg.preset} --workdir={src}")
-  src_cfg, _, params, step = load_params(src)
+  src_cfg, _, params, step = load_params(src, mesh=mesh)
   if src_cfg.get("stage") != prev:
     raise ValueError(f"init_from={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} starts "
                      f"from a {prev} run")
@@ -281,6 +289,7 @@ def train(cfg, workdir):
   workdir = os.path.abspath(workdir)
   _check_config(workdir, cfg)
   trainer = Trainer(cfg)
+  trainer.check_batch()
   key = jax.random.key(cfg.seed)
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints))
