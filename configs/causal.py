@@ -8,7 +8,7 @@ Reads the stage-1 run named by `init_from` (default runs/<preset>/pretrain). Abl
 """
 import ml_collections
 
-from configs import pretrain
+from configs import common, pretrain
 
 
 def get_config(arg=None):
@@ -30,4 +30,6 @@ def get_config(arg=None):
     c.causal.update(window=1, rollout_steps=2)
     c.train.update(batch_size=4, steps=4)
     c.eval.update(pairs=4, batch_size=4)
+  elif p in common.WAN_PRESETS:
+    c.train.update(batch_size=64)  # a multiple of the devices (fsdp=-1 spans them all)
   return c
