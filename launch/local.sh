@@ -14,6 +14,8 @@
 set -euo pipefail
 
 prog=local.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 usage() {
   cat <<EOF
 usage: launch/$prog [options] -- <arguments for anchoredit_jax.train>
@@ -43,24 +45,6 @@ example:
       --config=configs/pretrain.py:smoke --workdir=/tmp/mp_smoke
 EOF
 }
-
-die() { echo "$prog: error: $*" >&2; exit 2; }
-
-# A word for a POSIX shell: bare when safe, else single-quoted (after a leading '--flag=' or
-# 'KEY=', which reads better and means the same).
-quote() {
-  local w=$1 sq="'\\''"
-  if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$w"
-  elif [[ $w =~ ^(--?[A-Za-z0-9_.-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/$sq}"
-  else
-    printf "'%s'" "${w//\'/$sq}"
-  fi
-}
-
-is_uint() { [[ $1 =~ ^(0|[1-9][0-9]*)$ ]]; }
-is_pos() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
 processes=2
 devices=4

@@ -7,6 +7,8 @@
 set -euo pipefail
 
 prog=tpu_vm.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 usage() {
   cat <<EOF
 usage: launch/$prog [options] COMMAND [-- <arguments for anchoredit_jax.train>]
@@ -60,59 +62,7 @@ example (compile for the target topology first: python -m anchoredit_jax.aot ...
 EOF
 }
 
-die() { echo "$prog: error: $*" >&2; exit 2; }
-
-# A word quoted for a POSIX shell: bare when it is safe, else in single quotes (after the
-# '--flag=' or 'KEY=' of an option or assignment, which reads better and means the same).
-quote() {
-  local w=$1 sq="'\\''"
-  if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$w"
-  elif [[ $w =~ ^(--?[A-Za-z0-9_.-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/$sq}"
-  else
-    printf "'%s'" "${w//\'/$sq}"
-  fi
-}
-quote_all() {  # the arguments, quoted, space separated
-  local first=1 w
-  for w in "$@"; do
-    ((first)) || printf ' '
-    first=0
-    quote "$w"
-  done
-}
-# For words inside a remote command (which itself travels single-quoted): double quotes when
-# that is exact (no " $ ` \ !), so the printed command stays readable.
-rquote() {
-  local w=$1
-  if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$w"
-  elif [[ $w != *[\"\$\`\\\!]* ]]; then
-    printf '"%s"' "$w"
-  else
-    quote "$w"
-  fi
-}
-rquote_all() {
-  local first=1 w
-  for w in "$@"; do
-    ((first)) || printf ' '
-    first=0
-    rquote "$w"
-  done
-}
-
 dry_run=0
-run() {
-  if ((dry_run)); then
-    quote_all "$@"
-    echo
-    return 0
-  fi
-  echo "+ $(quote_all "$@")" >&2
-  "$@"
-}
 
 name=${TPU_NAME:-anchoredit-${USER:-user}}
 project=${PROJECT:-${CLOUDSDK_CORE_PROJECT:-}}

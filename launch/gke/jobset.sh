@@ -5,6 +5,8 @@
 set -euo pipefail
 
 prog=jobset.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 usage() {
   cat <<EOF
 usage: launch/gke/$prog [options] COMMAND [-- <arguments for anchoredit_jax.train>]
@@ -37,20 +39,7 @@ example (compile for the target topology first: python -m anchoredit_jax.aot ...
 EOF
 }
 
-die() { echo "$prog: error: $*" >&2; exit 2; }
-
-quote() {  # a word for a POSIX shell: bare when safe, else single-quoted
-  local w=$1 sq="'\\''"
-  if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$w"; else printf "'%s'" "${w//\'/$sq}"; fi
-}
 dry_run=0
-run() {
-  local w out=""
-  for w in "$@"; do out+="${out:+ }$(quote "$w")"; done
-  if ((dry_run)); then echo "$out"; return 0; fi
-  echo "+ $out" >&2
-  "$@"
-}
 
 json_string() {  # a JSON (so also YAML) double-quoted string
   local s=$1

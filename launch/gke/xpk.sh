@@ -5,6 +5,8 @@
 set -euo pipefail
 
 prog=xpk.sh
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 usage() {
   cat <<EOF
 usage: launch/gke/$prog [options] COMMAND [-- <arguments for anchoredit_jax.train>]
@@ -37,44 +39,7 @@ example (compile for the target topology first: python -m anchoredit_jax.aot ...
 EOF
 }
 
-die() { echo "$prog: error: $*" >&2; exit 2; }
-
-# A word for a POSIX shell: bare when safe, else single-quoted (after a leading '--flag=').
-quote() {
-  local w=$1 sq="'\\''"
-  if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$w"
-  elif [[ $w =~ ^(--?[A-Za-z0-9_.-]+=|[A-Za-z_][A-Za-z0-9_]*=)(.*)$ ]]; then
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/$sq}"
-  else
-    printf "'%s'" "${w//\'/$sq}"
-  fi
-}
-quote_all() {
-  local w out=""
-  for w in "$@"; do out+="${out:+ }$(quote "$w")"; done
-  printf '%s' "$out"
-}
-# Words inside --command (which itself travels single-quoted): double quotes when exact.
-rquote_all() {
-  local w out=""
-  for w in "$@"; do
-    if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+="${out:+ }$w"
-    elif [[ $w != *[\"\$\`\\\!]* ]]; then
-      out+="${out:+ }\"$w\""
-    else
-      out+="${out:+ }$(quote "$w")"
-    fi
-  done
-  printf '%s' "$out"
-}
 dry_run=0
-run() {
-  if ((dry_run)); then quote_all "$@"; echo; return 0; fi
-  echo "+ $(quote_all "$@")" >&2
-  "$@"
-}
 
 cluster=${CLUSTER:-}
 workload=${WORKLOAD:-anchoredit-${USER:-user}}
