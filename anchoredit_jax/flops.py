@@ -7,10 +7,23 @@ Letters: n tokens per turn, T turns computed, m memory tokens attended to, l tex
 
 
 def text_forward(cfg, sequences: int) -> float:
-  """Byte-level text encoder over `sequences` instructions of cfg.text_len tokens."""
+  """Text encoder (byte-level, or umT5 with a gated FFN) over `sequences` instructions of
+  cfg.text_len tokens."""
   d, l = cfg.text_dim, cfg.text_len
+  if cfg.text_encoder == "umt5":
+    u = cfg.umt5
+    inner = u.num_heads * u.d_kv
+    per_layer = 2 * l * d * 4 * inner + 2 * 2 * l * l * inner + 2 * l * d * 3 * u.d_ff
+    return float(sequences * u.num_layers * per_layer)
   per_layer = 2 * l * d * (3 * d + d + 2 * 4 * d) + 2 * 2 * l * l * d
   return float(sequences * cfg.text_layers * per_layer)
+
+
+def _text_backward(cfg, sequences: int) -> int:
+  """Forward-equivalents a backward pass adds to `sequences` encodings: 2 each if the encoder
+  trains, none if it is frozen (umT5: no gradient is computed)."""
+  from anchoredit_jax.models.model import frozen_parts
+  return 0 if "text" in frozen_parts(cfg) else 2 * sequences
 
 
 def dit_forward(cfg, *, n: int, turns: int = 1, memory: int = 0, latent_channels: int = 3) -> float:
@@ -29,13 +42,13 @@ def dit_forward(cfg, *, n: int, turns: int = 1, memory: int = 0, latent_channels
 
 
 def pretrain_step(cfg, batch: int, res: int) -> float:
-  """Stage-1 train step (forward + backward = 3 forwards) of `batch` single-turn examples."""
+  """Stage-1 train step (forward + backward = 3 forwards) of `batch` single-turn examples; the
+  VAE's encoding of the images is not counted."""
   from anchoredit_jax.models.model import latent_channels
   n = (res // cfg.ae_factor // cfg.patch) ** 2
   turns = 2 if cfg.source_context else 1
-  fwd = batch * (dit_forward(cfg, n=n, turns=turns, latent_channels=latent_channels(cfg))
-                 + text_forward(cfg, turns))
-  return 3.0 * fwd
+  dit = dit_forward(cfg, n=n, turns=turns, latent_channels=latent_channels(cfg))
+  return float(batch * (3 * dit + text_forward(cfg, turns + _text_backward(cfg, turns))))
 
 
 def turn_forward(cfg, res: int, window: int) -> float:
@@ -60,7 +73,8 @@ def causal_step(cfg, batch: int) -> float:
   window = K + 1 if c.full_cache else c.window
   f = turn_forward(cfg.model, cfg.data.res, window)
   gen = c.rollout_steps * (2 if c.rollout_guidance != 1.0 else 1) if c.self_rollout else 0
-  return float(batch * (f * (1 + K * (gen + 3 + 1)) + text_forward(cfg.model, 1 + 3 * K)))
+  text = text_forward(cfg.model, 1 + K + _text_backward(cfg.model, K))
+  return float(batch * (f * (1 + K * (gen + 3 + 1)) + text))
 
 
 def distill_step(cfg, batch: int) -> float:
@@ -72,4 +86,5 @@ def distill_step(cfg, batch: int) -> float:
   window = K + 1 if c.full_cache else c.window
   f = turn_forward(cfg.model, cfg.data.res, window)
   gen = cfg.distill.student_steps if c.self_rollout else 0
-  return float(batch * (f * (3 + K * (gen + 2 + 1 + 3 + 3)) + text_forward(cfg.model, 3 + 5 * K)))
+  text = text_forward(cfg.model, 3 + 3 * K + _text_backward(cfg.model, K))
+  return float(batch * (f * (3 + K * (gen + 2 + 1 + 3 + 3)) + text))

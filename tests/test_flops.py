@@ -22,3 +22,18 @@ def test_forward_flops_match_xla_for_one_layer():
   xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
   ours = flops.dit_forward(m, n=64) + flops.text_forward(m, 1)
   assert abs(ours - xla) / xla < 0.05, (ours, xla)
+
+
+def test_umt5_flops_match_xla():
+  """The umT5 count (used for the wan presets' MFU) against XLA on a small encoder."""
+  from anchoredit_jax.models.umt5 import UMT5Encoder
+  m = common.model_config("wan1.3b")
+  m.update(text_dim=256, text_len=64, umt5=dict(vocab=300, d_kv=32, num_heads=4, d_ff=512,
+                                                num_layers=2, num_buckets=32, max_distance=128))
+  enc = UMT5Encoder(**m.umt5, d_model=m.text_dim, max_len=m.text_len, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(enc)
+  toks = jnp.ones((1, m.text_len), jnp.int32)
+  cost = jax.jit(lambda p: nnx.merge(graphdef, p)(toks)[0]).lower(params).compile().cost_analysis()
+  xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+  ours = flops.text_forward(m, 1)
+  assert abs(ours - xla) / xla < 0.05, (ours, xla)
