@@ -128,3 +128,18 @@ def test_a_dead_process_stops_the_other_with_an_error(tmp_path):
   assert time.time() - start < 120
   log0 = (tmp_path / "dead_logs" / "process_0.log").read_text()
   assert "error" in (log0 + out).lower(), (log0 + out)[-2000:]
+
+
+def test_an_invalid_config_stops_every_process_with_the_same_error(tmp_path):
+  """Checked on every process before any collective: all fail fast with one identical line."""
+  out = subprocess.run(
+      ["env", f"PYTHON={sys.executable}", "bash", "launch/local.sh", "--processes", "2",
+       "--devices", "4", "--keep-going", "--timeout", "300", "--logdir", str(tmp_path / "logs"),
+       "--", "--config=configs/pretrain.py:smoke", f"--workdir={tmp_path / 'bad'}",
+       "--config.train.batch_size=6", *TWO_PROCESS_MESH],
+      cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert out.returncode != 0
+  errors = [[l for l in (tmp_path / "logs" / f"process_{i}.log").read_text().splitlines()
+             if l.startswith("error:")] for i in range(2)]
+  assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+  assert "train.batch_size=6" in errors[0][0]

@@ -124,7 +124,9 @@ class CausalDiT(nnx.Module):
 
     e = self.time_out(jax.nn.silu(self.time_in(sinusoidal(t * 1000.0, cfg.freq_dim))))  # [b,T,d]
     e0 = self.time_proj(jax.nn.silu(e)).reshape(b, T, 6, cfg.dim).astype(dt)
-    ctx = self.text_embed(text.astype(dt))  # [b,T,l,d]
+    if text.ndim == 3:  # [b,l,text_dim]: one instruction for every turn
+      text, text_mask = text[:, None], text_mask[:, None]
+    ctx = self.text_embed(text.astype(dt))  # [b,T|1,l,d]
 
     ang = rope.angles(rope.token_positions(turn_pos, gh, gw), cfg.dim // cfg.heads, cfg.rope_theta)
     tok_turn = jnp.repeat(jnp.arange(T), n)
