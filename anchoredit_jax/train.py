@@ -36,6 +36,12 @@ from anchoredit_jax.stages import causal, distill, pretrain
 STAGES = {"pretrain": pretrain, "causal": causal, "distill": distill}
 
 
+def say(*args):
+  """print, from process 0 only (every process runs the same program)."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)
+
+
 def make_optimizer(ocfg, total_steps, frozen=()):
   """AdamW with warmup + cosine decay and global-norm clipping; the top-level parts named in
   `frozen` (e.g. a pretrained umT5) get no update and no optimizer state."""
@@ -258,7 +264,7 @@ def _load_init(cfg, mesh=None, rules=None):
   from anchoredit_jax.convert import wan
   src, prev = cfg.init_from, PREVIOUS_STAGE.get(cfg.stage, "pretrain")
   if wan.is_wan_pipeline(src):
-    print(f"initialised from the Wan2.1 weights in {src}")
+    say(f"initialised from the Wan2.1 weights in {src}")
     return wan.load_wan_pipeline(src, cfg.model, mesh=mesh, rules=rules)
   if not has_model(src):
     raise FileNotFoundError(
@@ -270,7 +276,7 @@ def _load_init(cfg, mesh=None, rules=None):
                      f"from a {prev} run")
   if json.loads(src_cfg.model.to_json()) != json.loads(cfg.model.to_json()):
     raise ValueError(f"init_from={src} was trained with another model config than this stage's")
-  print(f"initialised from {src} step {step}")
+  say(f"initialised from {src} step {step}")
   return params
 
 
@@ -299,7 +305,7 @@ def train(cfg, workdir):
   done = _finished_summary(workdir, cfg, start)
   if done is not None:
     mngr.close()
-    print(f"{workdir} already finished at step {start}; delete its summary.json to re-evaluate")
+    say(f"{workdir} already finished at step {start}; delete its summary.json to re-evaluate")
     return done
   if start is None:
     if cfg.get("init_from"):
@@ -315,7 +321,7 @@ def train(cfg, workdir):
     state = restored["state"]
     pipeline.restore_iterator_state(data_it, restored["extra"]["data"])
     train_seconds = restored["extra"]["train_seconds"]
-    print(f"resuming {workdir} at step {start} ({train_seconds / 60:.1f} training minutes so far)")
+    say(f"resuming {workdir} at step {start} ({train_seconds / 60:.1f} training minutes so far)")
   record_provenance(workdir, start)
 
   def save(step):
@@ -328,9 +334,8 @@ def train(cfg, workdir):
   pairs = eval_pairs(cfg) if cfg.eval.pairs else None
   if pairs is not None and jax.process_count() > 1:
     # the evaluators read results back as host arrays, which a multi-process run does not hold
-    if jax.process_index() == 0:
-      print(f"note: held-out evaluation is skipped with {jax.process_count()} processes; run the "
-            "same command on one process to evaluate the checkpoint")
+    say(f"note: held-out evaluation is skipped with {jax.process_count()} processes; run the "
+        "same command on one process to evaluate the checkpoint")
     pairs = None
   eval_key = jax.random.key(cfg.eval.seed)
 
@@ -372,7 +377,7 @@ def train(cfg, workdir):
   bar.close()
   signal.signal(signal.SIGINT, old_handler)
   if stop:
-    print(f"interrupted at step {step}; saved a checkpoint, rerun the same command to resume")
+    say(f"interrupted at step {step}; saved a checkpoint, rerun the same command to resume")
   if mngr.latest_step() != step:
     save(step)
   mngr.wait_until_finished()

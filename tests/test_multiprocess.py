@@ -102,6 +102,9 @@ def test_stages_2_and_3_run_a_step_on_two_processes(runs):
   local_sh("configs/distill.py:smoke", runs / "distill", f"--config.init_from={causal}",
            "--config.train.steps=1", *TWO_PROCESS_MESH)
   assert sorted(losses(causal)) == [1] and sorted(losses(runs / "distill")) == [1]
+  logs = [(runs / "causal_logs" / f"process_{i}.log").read_text() for i in range(2)]
+  assert "initialised from" in logs[0] and "causal:" in logs[0]  # messages and bar: process 0 only
+  assert "initialised from" not in logs[1] and "causal:" not in logs[1]
   assert np.isfinite(losses(runs / "distill")[1])
 
 
