@@ -237,7 +237,7 @@ def model_config_from_dir(path) -> dict:
 def load_wan_pipeline(path, model_cfg, *, mesh=None, rules=None) -> nnx.State:
   """EditModel parameters from a Wan2.1 diffusers folder: the DiT loaded sharded (see
   load_wan_dit), umT5 and the VAE whole on each process (they stay frozen in training)."""
-  from anchoredit_jax.models.model import abstract_split, latent_channels
+  from anchoredit_jax.models.model import abstract_split, config_kwargs, latent_channels
   from anchoredit_jax.models.umt5 import load_umt5
   from anchoredit_jax.models.wan_vae import WanVAEConfig, load_wan_vae
   path = _pipeline_dir(path)
@@ -247,7 +247,6 @@ def load_wan_pipeline(path, model_cfg, *, mesh=None, rules=None) -> nnx.State:
   _, params = abstract_split(model_cfg)
   params["dit"] = load_wan_dit(path, model_cfg, latent_channels(model_cfg), mesh=mesh, rules=rules)
   params["text"] = nnx.state(load_umt5(path / "text_encoder", max_len=model_cfg.text_len), nnx.Param)
-  vae_cfg = WanVAEConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                            for k, v in model_cfg.vae.items()})
+  vae_cfg = WanVAEConfig(**config_kwargs(model_cfg.vae))
   params["vae"] = nnx.state(load_wan_vae(path / "vae", vae_cfg), nnx.Param)
   return params

@@ -41,7 +41,8 @@ def frozen_parts(cfg) -> tuple[str, ...]:
   return (("text",) if cfg.text_encoder == "umt5" else ()) + (("vae",) if cfg.autoencoder == "wan_vae" else ())
 
 
-def _kwargs(sub) -> dict:
+def config_kwargs(sub) -> dict:
+  """A config sub-dict (umt5, vae) as constructor keyword arguments, sequences as tuples."""
   return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in sub.items()}
 
 
@@ -70,9 +71,9 @@ class EditModel(nnx.Module):
       self.text = ByteTextEncoder(dim=cfg.text_dim, layers=cfg.text_layers, heads=cfg.text_heads,
                                   max_len=cfg.text_len, rngs=rngs)
     else:  # umT5 sizes live in cfg.umt5 (the Wan presets, or read from a Wan directory)
-      self.text = UMT5Encoder(**_kwargs(cfg.umt5), d_model=cfg.text_dim, max_len=cfg.text_len,
+      self.text = UMT5Encoder(**config_kwargs(cfg.umt5), d_model=cfg.text_dim, max_len=cfg.text_len,
                               rngs=rngs)
-    self.vae = WanVAE(WanVAEConfig(**_kwargs(cfg.vae)), rngs=rngs) if cfg.autoencoder == "wan_vae" else None
+    self.vae = WanVAE(WanVAEConfig(**config_kwargs(cfg.vae)), rngs=rngs) if cfg.autoencoder == "wan_vae" else None
     self.dit = CausalDiT(cfg, latent_channels=latent_channels(cfg), rngs=rngs)
 
   @property
