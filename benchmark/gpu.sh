@@ -6,9 +6,10 @@
 #
 # 1. installs whichever of our dependencies does not import, from the wheels carried in .whl/
 #    (python 3.12; nothing is fetched from the network) into a private folder on PYTHONPATH;
-# 2. runs benchmark/speed.py at the `small` preset (every stage, editing to turn 32) and at a
-#    Wan2.1-1.3B-sized model with random weights, 624x624 = 1521 tokens a turn (stage-1 step,
-#    editing to turn 8); each prints the machine, the command and its table, and writes JSON.
+# 2. runs the cuDNN attention parity test, then benchmark/speed.py at a Wan2.1-1.3B-sized model
+#    with random weights, 624x624 = 1521 tokens a turn (stage-1 step, editing to turn 8; again
+#    with cuDNN attention), then at the `small` preset (every stage, editing to turn 32); each
+#    prints the machine, the command and its table, and writes JSON. About 9 minutes at most.
 # Goals on one H100 (issue 5): a 4-step editing turn of the 1.3B model in <= 0.1 s, and training
 # MFU >= 40% of the measured bf16 peak.
 # .whl/ is not tracked by git (28 MB of python-3.12 wheels: flax, optax, orbax-checkpoint, grain,
@@ -48,13 +49,32 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
+# Each step has its own time limit (seconds; LIMIT_SCALE scales them all), so that one slow compile
+# cannot use up a lent machine's time: the benchmark writes its JSON after every part and prints
+# every row as it is measured, so a step stopped at its limit still leaves its numbers.
+# Autotuning is off unless XLA_FLAGS is set: it multiplies compile time, and cuBLAS's own choice
+# of GEMM algorithm is kept (timings are then, if anything, slower than an autotuned build).
+export XLA_FLAGS="${XLA_FLAGS:---xla_gpu_autotune_level=0}"
+export PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUTDIR/NAME.txt
+  local name=$1 secs=$2; shift 2
+  secs=$(( secs * ${LIMIT_SCALE:-1} ))
+  echo "== gpu.sh: $name (limit ${secs} s): $*"
+  local t0=$SECONDS rc=0
+  timeout "$secs" "$@" 2>&1 | tee "$OUTDIR/$name.txt" || rc=$?
+  echo "== gpu.sh: $name: exit $rc after $(( SECONDS - t0 )) s$([ "$rc" = 124 ] && echo ' (time limit)')"
+}
+set +e +o pipefail
 if [ "$DRY" = 1 ]; then
-  "$PY" -m benchmark.speed --presets smoke --stages pretrain,causal --turns 1,2 --reps 1 \
-    --teacher-steps 2 --matmul 256 --out "$OUTDIR/dry" | tee "$OUTDIR/dry.txt"
+  step dry 600 "$PY" -m benchmark.speed --presets smoke --stages pretrain,causal --turns 1,2 --reps 1 \
+    --teacher-steps 2 --matmul 256 --out "$OUTDIR/dry"
   exit 0
 fi
-"$PY" -m benchmark.speed --presets small --turns 1,2,4,8,16,32 --reps 10 \
-  --out "$OUTDIR/small" | tee "$OUTDIR/small.txt"
-"$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2,4,8 --reps 5 \
-  --out "$OUTDIR/wan1.3b" | tee "$OUTDIR/wan1.3b.txt"
-echo "gpu.sh: tables in $OUTDIR/small.txt and $OUTDIR/wan1.3b.txt"
+step cudnn_parity 60 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_speed_paths.py -k cudnn
+step wan1.3b 240 "$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2,8 \
+  --reps 5 --out "$OUTDIR/wan1.3b"
+step wan1.3b_cudnn 90 "$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2 \
+  --reps 5 --teacher-steps 4 --attention cudnn --out "$OUTDIR/wan1.3b_cudnn"
+step small 150 "$PY" -m benchmark.speed --presets small --turns 1,2,8,32 --reps 5 \
+  --out "$OUTDIR/small"
+echo "gpu.sh: logs and JSON under $OUTDIR (wan1.3b*, small*)"

@@ -59,9 +59,11 @@ def matmul_peak(n, reps=10, dtype=jnp.float32):
 WAN_PROXY = dict(text_encoder="bytes", text_layers=1, text_heads=32, autoencoder="pixel")
 
 
-def stage_config(stage, preset):
+def stage_config(stage, preset, attention=""):
   import importlib
   cfg = importlib.import_module(f"configs.{stage}").get_config(preset)
+  if attention:
+    cfg.model.attention_kernel = attention
   if preset == "wan1.3b":
     cfg.model.update(WAN_PROXY)
     cfg.data.res = 624
@@ -70,9 +72,9 @@ def stage_config(stage, preset):
   return cfg
 
 
-def train_step(stage, preset, peak, reps, dtype=None):
+def train_step(stage, preset, peak, reps, dtype=None, attention=""):
   from anchoredit_jax.train import Trainer, make_data
-  cfg = stage_config(stage, preset)
+  cfg = stage_config(stage, preset, attention)
   if dtype:
     cfg.model.dtype = dtype
   cfg.mesh = dict(data=len(jax.devices()), fsdp=1, tensor=1)
@@ -104,14 +106,19 @@ def train_step(stage, preset, peak, reps, dtype=None):
   return row
 
 
-def editing(turn_list, reps, teacher_steps, preset="toy"):
-  cfg = stage_config("distill", preset)
+def editing(turn_list, reps, teacher_steps, preset="toy", attention=""):
+  cfg = stage_config("distill", preset, attention)
   graphdef, params = nnx.split(build(cfg.model, nnx.Rngs(0)))
   res = cfg.data.res
   src = np.asarray(jax.random.randint(jax.random.key(1), (res, res, 3), 0, 256), np.uint8)
   student = Sampler("student", cfg.distill.student_steps, 1.0, cfg.flow.shift)
   T = max(turn_list)
   rows = {"anchor": [], "full": [], "bidir": []}
+
+  def add(name, row):  # printed at once, so a run stopped by a time limit still shows its rows
+    rows[name].append(row)
+    print(f"editing {name} turn {row['turn']}: {row['s'] * 1e3:.1f} ms, state "
+          f"{row['state_bytes'] / 2 ** 20:.2f} MiB", flush=True)
 
   def session_turn_times(window, upto):
     s = EditSession(cfg, graphdef, params, src, sampler=student, window=window)
@@ -126,12 +133,12 @@ def editing(turn_list, reps, teacher_steps, preset="toy"):
   runs = [session_turn_times(cfg.causal.window, T) for _ in range(reps)]
   per_turn = np.median(np.array([r[0] for r in runs]), axis=0)
   for t in turn_list:
-    rows["anchor"].append({"turn": t, "s": float(per_turn[t - 1]), "state_bytes": runs[0][1]})
+    add("anchor", {"turn": t, "s": float(per_turn[t - 1]), "state_bytes": runs[0][1]})
   for t in turn_list:  # full cache: a memory with exactly t - 1 earlier edits + the anchor
     session_turn_times(t, t)  # compile for this size
     times = [session_turn_times(t, t) for _ in range(reps)]
-    rows["full"].append({"turn": t, "s": float(np.median([x[0][-1] for x in times])),
-                         "state_bytes": times[0][1]})
+    add("full", {"turn": t, "s": float(np.median([x[0][-1] for x in times])),
+                 "state_bytes": times[0][1]})
   model = nnx.merge(graphdef, params)
   lat = model.autoencoder.encode(jnp.asarray(src[None]))
   tok = jnp.asarray(tokenize(INSTRUCTION, cfg.model.text_len)[None])
@@ -140,10 +147,11 @@ def editing(turn_list, reps, teacher_steps, preset="toy"):
     htok = jnp.broadcast_to(tok[:, None], (1, t, tok.shape[-1]))
     f = lambda: bidirectional_turn(params, graphdef, hist, htok, tok, jax.random.key(t),
                                    steps=student.steps, shift=student.shift)
-    rows["bidir"].append({"turn": t, "s": median_time(f, reps), "state_bytes": tree_bytes(hist)})
+    add("bidir", {"turn": t, "s": median_time(f, reps), "state_bytes": tree_bytes(hist)})
   s = EditSession(cfg, graphdef, params, src, sampler=Sampler("teacher", teacher_steps,
                                                               cfg.eval.guidance, cfg.flow.shift))
   teacher = median_time(lambda: s.edit(INSTRUCTION), max(2, reps // 2))
+  print(f"editing teacher ({teacher_steps} steps, CFG): {teacher * 1e3:.1f} ms a turn", flush=True)
   # FLOP floor of one 4-step AnchorEdit turn: 4 sampler passes + 1 memory write, each a forward of
   # one turn attending to (W + 1) memory turns, plus the text encoder once
   turn_flops = flops.edit_turn(cfg.model, res, cfg.causal.window, student.steps)
@@ -180,6 +188,8 @@ def main(argv=None):
   ap.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
   ap.add_argument("--out", default="benchmark/results/speed")
   ap.add_argument("--skip-editing", action="store_true")
+  ap.add_argument("--attention", default="", choices=("", "xla", "cudnn"),
+                  help="attention kernel (default: the preset's model.attention_kernel)")
   ap.add_argument("--dtypes", default="", help="compute dtypes to time each preset at, e.g. "
                   "float32,bfloat16 (default: the preset's model.dtype)")
   args = ap.parse_args(argv)
@@ -196,21 +206,27 @@ def main(argv=None):
     peaks[dt] = matmul_peak(n, dtype=jnp.dtype(dt))
     print(f"peak: {peaks[dt] / 1e9:.1f} GFLOP/s {dt} ({n}x{n} matmul, median)", flush=True)
   result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-            "peak_flops": peaks, "train": [], "editing": None}
+            "command": sys.argv if argv is None else ["benchmark.speed", *argv],
+            "attention": args.attention or "preset", "peak_flops": peaks, "train": [], "editing": None}
+  os.makedirs(args.out, exist_ok=True)
+
+  def save():  # after every part, so a run stopped by a time limit keeps what it measured
+    with open(os.path.join(args.out, "speed.json"), "w") as f:
+      json.dump(result, f, indent=2)
+
   for preset, dt in runs:
     for stage in args.stages.split(","):
-      row = train_step(stage, preset, peaks[dt], args.reps, dt)
+      row = train_step(stage, preset, peaks[dt], args.reps, dt, args.attention)
       row["dtype"] = dt
       result["train"].append(row)
+      save()
       print(f"train {stage}/{preset}/{dt}: {row['step_s'] * 1e3:.1f} ms/step, MFU {row['mfu']:.1%}", flush=True)
   if not args.skip_editing:
     rows, extra = editing([int(t) for t in args.turns.split(",")], args.reps, args.teacher_steps,
-                          args.presets.split(",")[0])
+                          presets[0], args.attention)
     result["editing"] = {"rows": rows, **extra, "preset": presets[0],
                          "turn_floor_s": extra["turn_flops"] / peaks[dtype_of[presets[0]]]}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "speed.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  save()
 
   print("\n| stage / preset | dtype | batch | ms / step | XLA GFLOP / step | model GFLOP / step | MFU | memory MiB |")
   print("|---|---|---|---|---|---|---|---|")

@@ -46,6 +46,13 @@ def test_cudnn_attention_matches_xla():
   mask = jnp.tril(jnp.ones((128, 128), bool))[None].repeat(2, 0)
   np.testing.assert_allclose(np.asarray(attend(q, k, v, mask, "cudnn"), np.float32),
                              np.asarray(attend(q, k, v, mask, "xla"), np.float32), atol=2e-2)
+  # the shapes AnchorMemory makes: more keys than queries, a key count that is no power of two,
+  # and a padded mask (empty memory slots, text padding); every query keeps at least one key
+  q = jax.random.normal(k1, (2, 96, 4, 128), jnp.bfloat16)
+  k, v = (jax.random.normal(r, (2, 250, 4, 128), jnp.bfloat16) for r in (k2, k3))
+  mask = (jax.random.uniform(k1, (2, 96, 250)) < 0.6).at[:, :, -1].set(True)
+  np.testing.assert_allclose(np.asarray(attend(q, k, v, mask, "cudnn"), np.float32),
+                             np.asarray(attend(q, k, v, mask, "xla"), np.float32), atol=2e-2)
 
 
 def test_unknown_attention_kernel_is_named():
