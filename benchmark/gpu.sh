@@ -52,16 +52,18 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 # Each step has its own time limit (seconds; LIMIT_SCALE scales them all), so that one slow compile
 # cannot use up a lent machine's time: the benchmark writes its JSON after every part and prints
 # every row as it is measured, so a step stopped at its limit still leaves its numbers.
-# Autotuning is off unless XLA_FLAGS is set: it multiplies compile time, and cuBLAS's own choice
-# of GEMM algorithm is kept (timings are then, if anything, slower than an autotuned build).
-export XLA_FLAGS="${XLA_FLAGS:---xla_gpu_autotune_level=0}"
+# XLA's flags are left at their defaults. Measured on an H200 (benchmark/RESULTS.md, 2026-11-27):
+# --xla_gpu_autotune_level=0 alone made an 8192^3 bf16 matmul run at 10.5 TFLOP/s instead of
+# 651 (Triton GEMMs at an untuned default tiling); adding --xla_gpu_enable_triton_gemm=false gave
+# 626. With autotuning on, the wan1.3b step and editing compiled well inside their limits.
 export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUTDIR/NAME.txt
   local name=$1 secs=$2; shift 2
   secs=$(( secs * ${LIMIT_SCALE:-1} ))
   echo "== gpu.sh: $name (limit ${secs} s): $*"
-  local t0=$SECONDS rc=0
-  timeout "$secs" "$@" 2>&1 | tee "$OUTDIR/$name.txt" || rc=$?
+  local t0=$SECONDS rc
+  timeout "$secs" "$@" 2>&1 | tee "$OUTDIR/$name.txt"
+  rc=${PIPESTATUS[0]}  # the command's status, not tee's
   echo "== gpu.sh: $name: exit $rc after $(( SECONDS - t0 )) s$([ "$rc" = 124 ] && echo ' (time limit)')"
 }
 set +e +o pipefail
@@ -70,11 +72,11 @@ if [ "$DRY" = 1 ]; then
     --teacher-steps 2 --matmul 256 --out "$OUTDIR/dry"
   exit 0
 fi
-step cudnn_parity 60 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_speed_paths.py -k cudnn
-step wan1.3b 240 "$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2,8 \
+step cudnn_parity 45 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_speed_paths.py -k cudnn
+step wan1.3b 180 "$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2,8 \
   --reps 5 --out "$OUTDIR/wan1.3b"
-step wan1.3b_cudnn 90 "$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2 \
+step wan1.3b_cudnn 100 "$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2 \
   --reps 5 --teacher-steps 4 --attention cudnn --out "$OUTDIR/wan1.3b_cudnn"
-step small 150 "$PY" -m benchmark.speed --presets small --turns 1,2,8,32 --reps 5 \
+step small 240 "$PY" -m benchmark.speed --presets small --turns 1,2,8,32 --reps 5 \
   --out "$OUTDIR/small"
 echo "gpu.sh: logs and JSON under $OUTDIR (wan1.3b*, small*)"

@@ -40,8 +40,11 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
              text_heads=4, abs_pos=True)
   elif preset == "small":
     # what one GPU trains in hours: ~110M parameters, 64x64 images at patch 2 (1024 tokens a turn)
+    # remat "dots": without it stage 2 (6 turns of 1024 tokens, batch 8) needs about 340 GiB
+    # (`python -m anchoredit_jax.aot --config=configs/causal.py:small --topology=h100:1
+    # --stages=all`; it ran out of memory on an H200); with it every stage fits one H100
     m.update(dim=768, layers=12, heads=12, ffn_dim=3072, freq_dim=256, patch=2, text_dim=256,
-             text_layers=2, text_heads=4, abs_pos=True, dtype="bfloat16")
+             text_layers=2, text_heads=4, abs_pos=True, dtype="bfloat16", remat="dots")
   elif preset in WAN_PRESETS:
     # Wan2.1-T2V-1.3B / -14B: heads of 128, umT5-XXL text (4096 wide, 512 tokens), patch (1,2,2)
     # over the VAE's 16 channels at stride 8. The DiT loads from Wan weights (convert/wan.py).

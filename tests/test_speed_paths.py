@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from anchoredit_jax.models.attention import attend
+from anchoredit_jax.models.attention import attend, pad_even
 from anchoredit_jax.models.model import abstract_split, build
 from configs import common
 from tests.helpers import rel_err
@@ -48,11 +48,27 @@ def test_cudnn_attention_matches_xla():
                              np.asarray(attend(q, k, v, mask, "xla"), np.float32), atol=2e-2)
   # the shapes AnchorMemory makes: more keys than queries, a key count that is no power of two,
   # and a padded mask (empty memory slots, text padding); every query keeps at least one key
-  q = jax.random.normal(k1, (2, 96, 4, 128), jnp.bfloat16)
-  k, v = (jax.random.normal(r, (2, 250, 4, 128), jnp.bfloat16) for r in (k2, k3))
-  mask = (jax.random.uniform(k1, (2, 96, 250)) < 0.6).at[:, :, -1].set(True)
-  np.testing.assert_allclose(np.asarray(attend(q, k, v, mask, "cudnn"), np.float32),
-                             np.asarray(attend(q, k, v, mask, "xla"), np.float32), atol=2e-2)
+  # odd counts too (a Wan turn at 624x624 is 1521 tokens; cuDNN takes only even ones in training)
+  for s, m in ((96, 250), (97, 251)):
+    q = jax.random.normal(k1, (2, s, 4, 128), jnp.bfloat16)
+    k, v = (jax.random.normal(r, (2, m, 4, 128), jnp.bfloat16) for r in (k2, k3))
+    mask = (jax.random.uniform(k1, (2, s, m)) < 0.6).at[:, :, -1].set(True)
+    np.testing.assert_allclose(np.asarray(attend(q, k, v, mask, "cudnn"), np.float32),
+                               np.asarray(attend(q, k, v, mask, "xla"), np.float32), atol=2e-2)
+    loss = lambda kernel: lambda q: jnp.sum(attend(q, k, v, mask, kernel).astype(jnp.float32) ** 2)
+    np.testing.assert_allclose(np.asarray(jax.grad(loss("cudnn"))(q), np.float32),
+                               np.asarray(jax.grad(loss("xla"))(q), np.float32), atol=5e-2)
+
+
+def test_even_padding_for_cudnn_changes_nothing():
+  # what cuDNN gets after padding, run through the XLA path, equals the unpadded attention
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(k1, (2, 7, 2, 8))
+  k, v = jax.random.normal(k2, (2, 9, 2, 8)), jax.random.normal(k3, (2, 9, 2, 8))
+  mask = (jax.random.uniform(k1, (2, 7, 9)) < 0.6).at[:, :, 0].set(True)
+  qp, kp, vp, mp = pad_even(q, k, v, mask)
+  assert qp.shape[1] == 8 and kp.shape[1] == 10 and mp.shape == (2, 8, 10)
+  np.testing.assert_allclose(attend(qp, kp, vp, mp)[:, :7], attend(q, k, v, mask), rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_attention_kernel_is_named():

@@ -17,8 +17,24 @@ def attend(q, k, v, mask, kernel: str = "xla"):
   """q [b,s,h,k], k/v [b,m,h,k], mask [b,s,m] bool (True = may attend) -> [b,s,h,k]."""
   if kernel not in KERNELS:
     raise ValueError(f"attention kernel {kernel!r} unknown; choose one of {KERNELS}")
-  impl = None if kernel == "xla" else "cudnn"
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+  if kernel == "xla":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+  s = q.shape[1]
+  q, k, v, mask = pad_even(q, k, v, mask)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")[:, :s]
+
+
+def pad_even(q, k, v, mask):
+  """Query and key counts padded to even: cuDNN's fused attention refuses odd ones with a mask
+  in training (1521 tokens a Wan turn at 624x624). Extra keys are masked out; extra queries see
+  every key (finite rows, sliced off by the caller)."""
+  ps, pm = q.shape[1] % 2, k.shape[1] % 2
+  if not (ps or pm):
+    return q, k, v, mask
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pm)))  # padded keys: False
+  mask = jnp.pad(mask, ((0, 0), (0, ps), (0, 0)), constant_values=True)
+  return pad(q, ps), pad(k, pm), pad(v, pm), mask
 
 
 class _Attention(nnx.Module):
