@@ -226,7 +226,7 @@ def compile_stage(cfg, devices, mesh_override: dict) -> dict:
   t0 = time.perf_counter()
   try:
     with sh.use_mesh(mesh, tr.rules), tokenizer_stand_in():
-      compiled = tr.step_fn.lower(state, abstract_batch(cfg, tr.batch_sh), key).compile()
+      compiled = tr.step_fn.lower(state, abstract_batch(cfg, tr.batch_sh), key, tr.text_store).compile()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program over its HBM
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.checkpoint import load_config
-from anchoredit_jax.data import pipeline
+from anchoredit_jax.data import pipeline, text_store
 from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.models.model import abstract_split, build, frozen_parts
 from anchoredit_jax.stages import causal, distill, pretrain
@@ -114,8 +114,22 @@ class Trainer:
     self.state_sh = state_shardings(abs_state, param_sh, self.mesh)
     self.batch_sh = sh.named(self.mesh, (sh.BATCH,), self.rules)
     self.replicated = NamedSharding(self.mesh, P())
-    self.step_fn = jax.jit(self._step, in_shardings=(self.state_sh, self.batch_sh, self.replicated),
+    self.text_store = self._load_text_store()
+    # (state, batch, key, text store or None) -> (state, metrics)
+    self.step_fn = jax.jit(self._step, in_shardings=(self.state_sh, self.batch_sh, self.replicated,
+                                                     self.replicated),
                            out_shardings=(self.state_sh, self.replicated), donate_argnums=0)
+
+  def _load_text_store(self):
+    """The stored instruction embeddings named by data.text_store, on every device, or None."""
+    path = self.cfg.data.get("text_store", "")
+    if not path:
+      return None
+    if "text" not in frozen_parts(self.cfg.model):
+      raise ValueError(f"data.text_store needs a frozen text encoder (umt5); model.text_encoder="
+                       f"{self.cfg.model.text_encoder!r} trains with the DiT")
+    self.text_store_host = text_store.load(path, self.cfg.model)
+    return {k: jax.device_put(v, self.replicated) for k, v in self.text_store_host.items()}
 
   def _fresh(self, params):
     """{params, opt_state, step[, aux]}: a new state around `params`."""
@@ -128,11 +142,12 @@ class Trainer:
     with sh.use_mesh(self.mesh, self.rules):
       return jax.jit(self._init, out_shardings=self.state_sh)(rng)
 
-  def _step(self, state, batch, key):
+  def _step(self, state, batch, key, store):
     rng = jax.random.fold_in(key, state["step"])
     aux = (state["aux"],) if "aux" in state else ()
     grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux)
+    with text_store.use(store):  # None: the text encoder runs as usual
+      (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.tree.norm(grads)
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
@@ -166,8 +181,14 @@ class Trainer:
             for k, v in batch.items()}
 
   def step(self, state, batch, key):
+    if self.text_store is not None:
+      miss = text_store.missing(self.text_store_host, batch["tokens"])
+      if miss.any():
+        raise ValueError(f"{int(miss.sum())} instruction(s) of this batch are not in data.text_store="
+                         f"{self.cfg.data.text_store}; rebuild it with python -m "
+                         "anchoredit_jax.data.text_store")
     with sh.use_mesh(self.mesh, self.rules):
-      return self.step_fn(state, self.put_batch(batch), key)
+      return self.step_fn(state, self.put_batch(batch), key, self.text_store)
 
 
 def make_data(cfg, split="train", seed=None):
@@ -323,6 +344,10 @@ def train(cfg, workdir):
     train_seconds = restored["extra"]["train_seconds"]
     say(f"resuming {workdir} at step {start} ({train_seconds / 60:.1f} training minutes so far)")
   record_provenance(workdir, start)
+  if trainer.text_store is not None:
+    err = text_store.check_against(trainer.graphdef, state["params"], trainer.text_store_host)
+    say(f"text embeddings from {cfg.data.text_store} (the encoder is not run; it agrees with the "
+        f"stored values to {err:.1e})")
 
   def save(step):
     mngr.save(step, args=ocp.args.Composite(

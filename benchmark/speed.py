@@ -83,7 +83,7 @@ def train_step(stage, preset, peak, reps, dtype=None, attention=""):
   it = iter(make_data(cfg))
   batch = next(it)
   with sh.use_mesh(tr.mesh, tr.rules):
-    compiled = tr.step_fn.lower(state, tr.put_batch(batch), jax.random.key(1)).compile()
+    compiled = tr.step_fn.lower(state, tr.put_batch(batch), jax.random.key(1), tr.text_store).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()

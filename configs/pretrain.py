@@ -24,7 +24,8 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       res={"wan1.3b": 480, "wan14b": 480, "small": 64}.get(p, 32), num_turns=1, background="procedural", ops=(),
-      threads=1, prefetch=4))
+      threads=1, prefetch=4,
+      text_store=""))  # a folder of stored instruction embeddings (data/text_store.py; frozen umT5)
   c.flow = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift=3.0, p_uncond=0.1,
                                          edit_weight=4.0))
   c.optim = ml_collections.ConfigDict(dict(

@@ -108,3 +108,76 @@ def test_loader_shards_the_dit_on_a_mesh(wan_folder):
   params = wan.load_wan_pipeline(wan_folder, cfg.model, mesh=mesh)
   kernel = params["dit"]["blocks"]["ffn"]["fc1"]["kernel"][...]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+
+def test_stored_text_embeddings_stand_in_for_the_encoder(wan_folder, tmp_path):
+  from flax import nnx
+
+  from anchoredit_jax.data import text_store
+  from anchoredit_jax.data.tokenize import tokenize_for
+  from anchoredit_jax.models.model import abstract_split
+  from anchoredit_jax.train import Trainer, make_data
+  store = tmp_path / "store"
+  p = subprocess.run([sys.executable, "-m", "anchoredit_jax.data.text_store",
+                      f"--config=configs/wan/pretrain.py:smoke,dir={wan_folder}", f"--out={store}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert f"text store: {len(text_store.all_instructions())} instructions" in p.stdout
+  cfg = wan_pretrain.get_config(f"smoke,dir={wan_folder}")
+  arrays = text_store.load(store, cfg.model)
+  assert arrays["emb"].shape[1] < cfg.model.text_len  # umT5's zero padding is kept once
+
+  # every instruction of some held-out sequences is stored and looks up to the encoder's output
+  texts = [""] + [t for s in range(6) for t in shapes.make_sequence(s, 4, 32, "heldout")["instructions"]]
+  tokens = tokenize_for(cfg.model, texts)
+  assert not text_store.missing(arrays, tokens).any()
+  assert text_store.missing(arrays, tokenize_for(cfg.model, ["paint the sky green"])).all()
+  graphdef, params = abstract_split(cfg.model)[0], wan.load_wan_pipeline(wan_folder, cfg.model)
+  encode = lambda p: nnx.merge(graphdef, p).encode_text(jax.numpy.asarray(tokens))
+  (emb, mask), (emb_s, mask_s) = encode(params), text_store.lookup(arrays, tokens)
+  np.testing.assert_array_equal(mask_s, mask)
+  np.testing.assert_allclose(emb_s, emb, atol=2e-3 * float(np.abs(emb).max()))
+  assert text_store.check_against(graphdef, params, arrays) < 1e-2
+  # with the store, the encoder is not run: no matrix product is left in encode_text (fresh
+  # lambdas: traces are cached per function, and the store is not part of the cache key)
+  assert "dot_general" in str(jax.make_jaxpr(lambda p: encode(p))(params))
+  with text_store.use(arrays):
+    assert "dot_general" not in str(jax.make_jaxpr(lambda p: encode(p))(params))
+
+  # one training step from the same weights and batch: the same loss with or without the store
+  cfg.train.batch_size = 8
+  batch = next(iter(make_data(cfg)))
+  losses = []
+  for path in ("", str(store)):
+    cfg.data.text_store = path
+    tr = Trainer(cfg)
+    losses.append(float(tr.step(tr.with_params(params), batch, jax.random.key(0))[1]["loss"]))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
+  bad = dict(batch, tokens=np.asarray(batch["tokens"]).copy())
+  bad["tokens"][0, 0] = tokenize_for(cfg.model, ["paint the sky green"])[0]
+  with pytest.raises(ValueError, match="1 instruction.s. of this batch are not in data.text_store"):
+    tr.step(tr.with_params(params), bad, jax.random.key(0))
+
+  # a store for another encoder, a missing store, a trainable encoder: one-line errors
+  meta = json.loads((store / "meta.json").read_text())
+  (store / "meta.json").write_text(json.dumps(dict(meta, text_dim=64)))
+  with pytest.raises(ValueError, match="made for another text encoder .text_dim: 64"):
+    text_store.load(store, cfg.model)
+  with pytest.raises(FileNotFoundError, match="holds no embeddings.safetensors; make it with"):
+    text_store.load(tmp_path / "nothing", cfg.model)
+  toy = common.model_config("smoke")
+  p = subprocess.run([sys.executable, "-m", "anchoredit_jax.data.text_store",
+                      "--config=configs/pretrain.py:smoke", f"--out={tmp_path / 'x'}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+      f"text_store: error: model.text_encoder={toy.text_encoder!r} trains with the DiT; only a "
+      "frozen encoder (umt5) can have its embeddings stored"]
+  assert not (tmp_path / "x").exists()
+
+
+def test_every_generated_instruction_is_enumerated():
+  from anchoredit_jax.data import text_store
+  every = set(text_store.all_instructions())
+  for s in range(300):
+    for split in ("train", "heldout"):
+      assert set(shapes.make_sequence(s, 6, 32, split)["instructions"]) <= every

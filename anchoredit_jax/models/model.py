@@ -82,7 +82,10 @@ class EditModel(nnx.Module):
 
   def encode_text(self, tokens):
     """tokens [..., l] -> (embeddings [..., l, text_dim], mask [..., l]); no gradient reaches a
-    frozen encoder."""
+    frozen encoder. Inside `text_store.use(store)` the embeddings are looked up instead."""
+    from anchoredit_jax.data import text_store
+    if text_store.current() is not None:
+      return text_store.lookup(text_store.current(), tokens)
     text, mask = self.text(tokens)
     return (jax.lax.stop_gradient(text), mask) if "text" in frozen_parts(self.cfg) else (text, mask)
 
