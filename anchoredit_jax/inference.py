@@ -171,5 +171,6 @@ class EditSession:
     shapes = [a.shape for a in jax.tree.leaves(like)]
     if shapes != [a.shape for a in leaves]:
       raise ValueError(f"{path} was saved with another model config than this run's")
-    self.memory = jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a) for a in leaves])
+    self.memory = jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a, l.dtype) for a, l in
+                                                                zip(leaves, jax.tree.leaves(like))])
     return self

@@ -20,9 +20,9 @@ def _inputs(cfg, turns, seed=0):
   return x, t, jnp.asarray(toks)
 
 
-def _incremental(apply, params, cfg, x, t, toks, window):
+def _incremental(apply, params, cfg, x, t, toks, window, dtype=None):
   """Generate turn by turn through the memory; returns outputs [B,T,...] and the final memory."""
-  mem, outs = init_memory(cfg, B, RES, window), []
+  mem, outs = init_memory(cfg, B, RES, window, dtype=dtype), []
   for i in range(x.shape[1]):
     pos = jnp.broadcast_to(mem.next_turn_pos(), (B, 1))
     out, kv = apply(params, x[:, i:i + 1], t[:, i:i + 1], toks[:, i:i + 1], pos,
@@ -116,3 +116,14 @@ def test_abs_pos_embedding_tells_tokens_apart():
   e = np.asarray(abs_pos_embedding(4, 4, 32))
   assert e.shape == (16, 32)
   assert len({tuple(np.round(r, 5)) for r in e}) == 16
+
+
+def test_a_bfloat16_model_keeps_a_bfloat16_cache_that_loses_nothing():
+  cfg = tiny_model(layers=2, dtype="bfloat16")
+  params, apply = random_model(cfg)
+  x, t, toks = _inputs(cfg, 4)
+  out16, mem16 = _incremental(apply, params, cfg, x, t, toks, window=2)
+  out32, mem32 = _incremental(apply, params, cfg, x, t, toks, window=2, dtype="float32")
+  assert mem16.anchor_k.dtype == jnp.bfloat16 and mem32.anchor_k.dtype == jnp.float32
+  assert mem16.anchor_k.nbytes * 2 == mem32.anchor_k.nbytes
+  np.testing.assert_array_equal(out16, out32)  # the keys and values were bfloat16 to begin with

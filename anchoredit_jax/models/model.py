@@ -106,13 +106,15 @@ def abstract_split(cfg):
   return nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
 
 
-def init_memory(cfg, batch: int, res: int, window: int, use_anchor: bool = True):
-  """An empty AnchorMemory sized for this model and resolution."""
+def init_memory(cfg, batch: int, res: int, window: int, use_anchor: bool = True, dtype=None):
+  """An empty AnchorMemory sized for this model and resolution. Keys and values are kept in the
+  compute dtype (default): the DiT makes them in it, so a wider cache holds no more information
+  (measured on an H200: a float32 cache of the 1.3B model was 1.6 GiB a session)."""
   h, w, c = latent_shape(cfg, res)
   p = cfg.patch
   return AnchorMemory.init(layers=cfg.layers, batch=batch, window=window, grid=(h // p, w // p),
                            heads=cfg.heads, head_dim=cfg.dim // cfg.heads, latent_shape=(h, w, c),
-                           use_anchor=use_anchor)
+                           use_anchor=use_anchor, dtype=jnp.dtype(dtype or cfg.get("dtype", "float32")))
 
 
 def prev_cond(latents):
