@@ -173,6 +173,11 @@ def test_stored_text_embeddings_stand_in_for_the_encoder(wan_folder, tmp_path):
       f"text_store: error: model.text_encoder={toy.text_encoder!r} trains with the DiT; only a "
       "frozen encoder (umt5) can have its embeddings stored"]
   assert not (tmp_path / "x").exists()
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "keep.txt").write_text("not a store")
+  with pytest.raises(ValueError, match="exists and is not a text store"):
+    text_store.save(tmp_path / "data", {}, [], cfg.model)
+  assert (tmp_path / "data" / "keep.txt").read_text() == "not a store"
 
 
 def test_every_generated_instruction_is_enumerated():

@@ -104,14 +104,30 @@ def _fingerprint(model_cfg) -> dict:
 
 
 def save(out, arrays, instructions, model_cfg, **meta):
+  """Writes the store into `out` + ".partial", then puts it in place of `out`: an interrupted
+  build leaves no half-written store."""
+  import shutil
+
   from safetensors.numpy import save_file
-  os.makedirs(out, exist_ok=True)
-  tmp = os.path.join(out, FILE + ".tmp")  # renamed only when whole: no half-written store
-  save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
-  with open(os.path.join(out, META), "w") as f:
+  out = os.fspath(out).rstrip("/")
+  check_out(out)
+  tmp = out + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.path.join(tmp, FILE))
+  with open(os.path.join(tmp, META), "w") as f:
     json.dump({**_fingerprint(model_cfg), "instructions": instructions,
                "stored_len": int(arrays["emb"].shape[1]), **meta}, f, indent=1)
-  os.replace(tmp, os.path.join(out, FILE))
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+
+
+def check_out(out):
+  """A store replaces only an earlier store or an empty folder, never other files."""
+  if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, META)):
+    raise ValueError(f"--out={out} exists and is not a text store; give a new or empty folder")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out={out} is a file; give a folder")
 
 
 def load(path, model_cfg) -> dict:
@@ -197,6 +213,7 @@ def main(argv=None):
   from anchoredit_jax.aot import load_configs
   from anchoredit_jax.train import _load_init
   try:
+    check_out(args.out)  # before the encoder runs
     cfg = load_configs(args.config, overrides, "")[0][1]
     if "text" not in frozen_parts(cfg.model):
       raise ValueError(f"model.text_encoder={cfg.model.text_encoder!r} trains with the DiT; only a "
