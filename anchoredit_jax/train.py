@@ -114,22 +114,21 @@ class Trainer:
     self.state_sh = state_shardings(abs_state, param_sh, self.mesh)
     self.batch_sh = sh.named(self.mesh, (sh.BATCH,), self.rules)
     self.replicated = NamedSharding(self.mesh, P())
-    self.text_store = self._load_text_store()
+    self.text_store_host = self._load_text_store()  # numpy arrays, or None
+    self.text_store = None if self.text_store_host is None else {  # the same on every device
+        k: jax.device_put(v, self.replicated) for k, v in self.text_store_host.items()}
     # (state, batch, key, text store or None) -> (state, metrics)
     self.step_fn = jax.jit(self._step, in_shardings=(self.state_sh, self.batch_sh, self.replicated,
                                                      self.replicated),
                            out_shardings=(self.state_sh, self.replicated), donate_argnums=0)
 
   def _load_text_store(self):
-    """The stored instruction embeddings named by data.text_store, on every device, or None."""
+    """The stored instruction embeddings named by data.text_store, or None."""
     path = self.cfg.data.get("text_store", "")
     if not path:
       return None
-    if "text" not in frozen_parts(self.cfg.model):
-      raise ValueError(f"data.text_store needs a frozen text encoder (umt5); model.text_encoder="
-                       f"{self.cfg.model.text_encoder!r} trains with the DiT")
-    self.text_store_host = text_store.load(path, self.cfg.model)
-    return {k: jax.device_put(v, self.replicated) for k, v in self.text_store_host.items()}
+    text_store.check_frozen(self.cfg.model)
+    return text_store.load(path, self.cfg.model)
 
   def _fresh(self, params):
     """{params, opt_state, step[, aux]}: a new state around `params`."""

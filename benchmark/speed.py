@@ -196,7 +196,8 @@ def main(argv=None):
   dev = jax.devices()[0]
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {len(jax.devices())} x {dev.device_kind} "
         f"({dev.platform}), jax {jax.__version__}")
-  print("command: python -m benchmark.speed " + " ".join(sys.argv[1:] if argv is None else argv))
+  command = "python -m benchmark.speed " + " ".join(sys.argv[1:] if argv is None else argv)
+  print("command: " + command)
   n = args.matmul or (2048 if dev.platform == "cpu" else 8192)
   presets = args.presets.split(",")
   dtype_of = {p: stage_config("pretrain", p).model.dtype for p in presets}
@@ -206,7 +207,7 @@ def main(argv=None):
     peaks[dt] = matmul_peak(n, dtype=jnp.dtype(dt))
     print(f"peak: {peaks[dt] / 1e9:.1f} GFLOP/s {dt} ({n}x{n} matmul, median)", flush=True)
   result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-            "command": sys.argv if argv is None else ["benchmark.speed", *argv],
+            "command": command,
             "attention": args.attention or "preset", "peak_flops": peaks, "train": [], "editing": None}
   os.makedirs(args.out, exist_ok=True)
 

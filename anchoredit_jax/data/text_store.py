@@ -122,6 +122,14 @@ def save(out, arrays, instructions, model_cfg, **meta):
   os.replace(tmp, out)
 
 
+def check_frozen(model_cfg):
+  """Only a frozen encoder's output can be stored: a trainable one changes every step."""
+  from anchoredit_jax.models.model import frozen_parts
+  if "text" not in frozen_parts(model_cfg):
+    raise ValueError(f"model.text_encoder={model_cfg.text_encoder!r} trains with the DiT; only a "
+                     "frozen encoder (umt5) can have its embeddings stored")
+
+
 def check_out(out):
   """A store replaces only an earlier store or an empty folder, never other files."""
   if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, META)):
@@ -204,7 +212,7 @@ def main(argv=None):
 
   from tqdm import tqdm
 
-  from anchoredit_jax.models.model import build as build_model, frozen_parts
+  from anchoredit_jax.models.model import abstract_split
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", required=True, help="the training config, e.g. "
                   "configs/wan/pretrain.py:wan1.3b,dir=WAN; its init_from gives the encoder weights")
@@ -215,12 +223,9 @@ def main(argv=None):
   try:
     check_out(args.out)  # before the encoder runs
     cfg = load_configs(args.config, overrides, "")[0][1]
-    if "text" not in frozen_parts(cfg.model):
-      raise ValueError(f"model.text_encoder={cfg.model.text_encoder!r} trains with the DiT; only a "
-                       "frozen encoder (umt5) can have its embeddings stored")
+    check_frozen(cfg.model)
     from flax import nnx
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0))))
-    model = nnx.merge(graphdef, _load_init(cfg))
+    model = nnx.merge(abstract_split(cfg.model)[0], _load_init(cfg))
     n = len(all_instructions())
     with tqdm(total=n, desc="text store", unit="instr") as bar:
       arrays, instructions = build(model, cfg.model, progress=bar.update)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from anchoredit_jax.data import text_store
 from anchoredit_jax.memory import AnchorMemory
 from anchoredit_jax.models.autoencoder import PixelAutoencoder, WanVAE, WanVAEConfig
 from anchoredit_jax.models.dit import CausalDiT
@@ -83,9 +84,9 @@ class EditModel(nnx.Module):
   def encode_text(self, tokens):
     """tokens [..., l] -> (embeddings [..., l, text_dim], mask [..., l]); no gradient reaches a
     frozen encoder. Inside `text_store.use(store)` the embeddings are looked up instead."""
-    from anchoredit_jax.data import text_store
-    if text_store.current() is not None:
-      return text_store.lookup(text_store.current(), tokens)
+    store = text_store.current()
+    if store is not None:
+      return text_store.lookup(store, tokens)
     text, mask = self.text(tokens)
     return (jax.lax.stop_gradient(text), mask) if "text" in frozen_parts(self.cfg) else (text, mask)
 
