@@ -89,6 +89,8 @@ def build(model, model_cfg, instructions=None, *, chunk=256, progress=None):
     keys = row_hash(tokens, w, np)
     if len(np.unique(keys)) == len(keys):
       break
+  else:
+    raise ValueError(f"no collision-free row hash for {len(keys)} instructions in 100 seeds")
   order = np.argsort(keys, kind="stable")
   emb = np.concatenate([e[:, :L] for e in embs])[order]
   return {"keys": keys[order], "weights": w, "tokens": tokens[order], "emb": emb,
