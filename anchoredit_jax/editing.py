@@ -32,7 +32,7 @@ def turn_velocity(model, mem, x, t, text, *, copies: int = 1):
   b = x.shape[0]
   pos = jnp.broadcast_to(mem.next_turn_pos(), (b, 1))
   tile = lambda a, axis: jnp.concatenate([a] * copies, axis=axis) if copies > 1 else a
-  cond = tile(mem.cond(), 0)[:, None] if model.cfg.concat_prev else None
+  cond = tile(mem.cond(model.cfg.concat_anchor), 0)[:, None] if model.cfg.concat_prev else None
   k, v, p, valid = mem.context()
   ctx = (tile(k, 1), tile(v, 1), tile(p, 0), tile(valid, 0))
   v, kv = model(x[:, None], t[:, None], text, pos, cond=cond, context=ctx)

@@ -30,7 +30,8 @@ def dit_forward(cfg, *, n: int, turns: int = 1, memory: int = 0, latent_channels
   """One CausalDiT forward pass over `turns` turns of n tokens each (one batch element)."""
   d, f, l, p = cfg.dim, cfg.ffn_dim, cfg.text_len, cfg.patch
   N = turns * n
-  in_ch = latent_channels * (2 if cfg.concat_prev else 1) + (1 if cfg.concat_prev else 0)
+  from anchoredit_jax.models.dit import input_channels
+  in_ch = input_channels(cfg, latent_channels)
   self_attn = 2 * N * d * 4 * d + 2 * 2 * N * (N + memory) * d
   cross = 2 * N * d * 2 * d + 2 * turns * l * d * 2 * d + 2 * 2 * N * l * d
   ffn = 2 * 2 * N * d * f

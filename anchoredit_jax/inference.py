@@ -77,7 +77,8 @@ def bidirectional_turn(params, graphdef, history, history_tokens, tokens, rng, *
   b, t = history.shape[:2]
   pos = jnp.broadcast_to(jnp.arange(t + 1), (b, t + 1))
   text = model.encode_text(jnp.concatenate([history_tokens, tokens[:, None]], 1))  # once per turn
-  cond = prev_cond(jnp.concatenate([history, history[:, -1:]], 1)) if model.cfg.concat_prev else None
+  cond = (prev_cond(jnp.concatenate([history, history[:, -1:]], 1), model.cfg.concat_anchor)
+          if model.cfg.concat_prev else None)
 
   def x0_fn(x, time_):
     xs = jnp.concatenate([history, x[:, None]], 1)

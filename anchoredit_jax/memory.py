@@ -6,8 +6,8 @@ is read: anchor -> turn 0, window turns -> 1..count (oldest first), the new turn
 However long the session, turn positions stay within 0..W+1, the range seen in training, and the
 memory's size and the work per turn stay constant.
 
-The memory also keeps the last clean latent, which models with `concat_prev` take as the
-channel-concatenated condition of the next turn.
+The memory also keeps the last clean latent and the source's latent, which models with
+`concat_prev` (and `concat_anchor`) take as the channel-concatenated condition of the next turn.
 
 Letters: L layers, b batch, W window, n tokens per turn, h heads, k head_dim.
 """
@@ -23,6 +23,7 @@ class AnchorMemory:
   window_k: jax.Array      # [L, b, W, n, h, k]
   window_v: jax.Array      # [L, b, W, n, h, k]
   last_latent: jax.Array   # [b, H, W_img, C] the latest clean turn
+  anchor_latent: jax.Array  # [b, H, W_img, C] the first clean turn written (the source)
   anchor_set: jax.Array    # [] bool
   writes: jax.Array        # [] int32, turns written into the window so far
   grid: tuple = struct.field(pytree_node=False, default=(1, 1))   # (rows, cols) of the token grid
@@ -37,8 +38,8 @@ class AnchorMemory:
     # separate buffers for k and v, so that the memory can be donated to a jitted function
     kv = lambda: jnp.zeros((layers, batch, n, heads, head_dim), dtype)
     win = lambda: jnp.zeros((layers, batch, window, n, heads, head_dim), dtype)
-    return cls(kv(), kv(), win(), win(), jnp.zeros((batch,) + tuple(latent_shape), jnp.float32),
-               jnp.array(False), jnp.array(0, jnp.int32), tuple(grid), use_anchor)
+    latent = lambda: jnp.zeros((batch,) + tuple(latent_shape), jnp.float32)
+    return cls(kv(), kv(), win(), win(), latent(), latent(), jnp.array(False), jnp.array(0, jnp.int32), tuple(grid), use_anchor)
 
   @property
   def window(self) -> int:
@@ -90,10 +91,18 @@ class AnchorMemory:
         anchor_k=keep(self.anchor_k, k), anchor_v=keep(self.anchor_v, v),
         window_k=put(self.window_k, k), window_v=put(self.window_v, v),
         last_latent=latent.astype(jnp.float32),
+        anchor_latent=jnp.where(self.empty, latent.astype(jnp.float32), self.anchor_latent),
         anchor_set=self.anchor_set | to_anchor,
         writes=self.writes + jnp.where(to_anchor, 0, 1).astype(jnp.int32))
 
-  def cond(self):
-    """Channel-concat condition for the next turn: [b,H,W,C+1] (last latent, flag 1 if any)."""
+  def cond(self, anchor: bool = False):
+    """Channel-concat condition for the next turn: [b,H,W,C+1] (last latent, flag 1 if any), with
+    `anchor` [b,H,W,2C+1]: the source's latent after them. A memory made without an anchor
+    (`use_anchor=False`, the window-only ablation) gives the last latent there instead, the only
+    latent it keeps."""
     flag = jnp.broadcast_to(jnp.where(self.empty, 0.0, 1.0), self.last_latent.shape[:-1] + (1,))
-    return jnp.concatenate([self.last_latent * (1.0 - self.empty), flag], axis=-1)
+    keep = 1.0 - self.empty
+    parts = [self.last_latent * keep, flag]
+    if anchor:
+      parts.append((self.anchor_latent if self.use_anchor else self.last_latent) * keep)
+    return jnp.concatenate(parts, axis=-1)

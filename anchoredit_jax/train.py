@@ -294,9 +294,28 @@ def _load_init(cfg, mesh=None, rules=None):
   if src_cfg.get("stage") != prev:
     raise ValueError(f"init_from={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} starts "
                      f"from a {prev} run")
-  if json.loads(src_cfg.model.to_json()) != json.loads(cfg.model.to_json()):
-    raise ValueError(f"init_from={src} was trained with another model config than this stage's")
+  src_model, our_model = json.loads(src_cfg.model.to_json()), json.loads(cfg.model.to_json())
+  if src_model != our_model:
+    if {**our_model, **GROWABLE} != src_model:
+      raise ValueError(f"init_from={src} was trained with another model config than this stage's")
+    params = _grow(params, cfg.model)
   say(f"initialised from {src} step {step}")
+  return params
+
+
+# model fields a stage may turn on over its init_from run: the new weights start at zero, so the
+# grown model computes what the earlier one did (e.g. stage 2 learning to use the anchor's latent
+# on top of a stage-1 run made without it)
+GROWABLE = {"concat_anchor": False}
+
+
+def _grow(params, model_cfg):
+  from anchoredit_jax.models.dit import input_channels, pad_patch_kernel
+  from anchoredit_jax.models.model import latent_channels
+  kernel = params["dit"]["patch_embed"]["kernel"]
+  in_ch = input_channels(model_cfg, latent_channels(model_cfg))
+  say(f"patch embedding grown to {in_ch} input channels (zero weights for the anchor's latent)")
+  kernel.set_value(pad_patch_kernel(kernel.get_value(), model_cfg.patch, in_ch))
   return params
 
 

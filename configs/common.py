@@ -31,7 +31,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       dim=64, layers=2, heads=4, ffn_dim=256, freq_dim=64, patch=4, rope_theta=10000.0,
       text_encoder="bytes", text_dim=64, text_layers=1, text_heads=4, text_len=64,
       autoencoder="pixel", ae_factor=1, latent_channels=3,
-      concat_prev=True, source_context=False, prediction="velocity", abs_pos=False,
+      concat_prev=True, concat_anchor=False, source_context=False, prediction="velocity", abs_pos=False,
       attention_kernel="xla", remat="none",
       dtype="float32"))  # compute dtype of the DiT's blocks (float32 or bfloat16); params stay float32
   if preset == "toy":

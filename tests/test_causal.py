@@ -59,3 +59,38 @@ def test_teacher_forcing_ablation_changes_the_context():
   forced = f(cfg)
   np.testing.assert_allclose(rolled[0], forced[0], rtol=1e-5)  # turn 1 sees only the source
   assert not np.allclose(rolled[1:], forced[1:])                # later turns see generated turns
+
+
+def test_stage_2_can_add_the_anchor_latent_to_a_stage_1_run_without_it():
+  """init_from a run without concat_anchor grows the patch embedding with zero weights: the grown
+  model computes what the stage-1 model did, whatever the anchor channels hold. The other way
+  round (dropping channels) is refused."""
+  import os
+
+  import pytest
+
+  from anchoredit_jax.checkpoint import load_params
+  from anchoredit_jax.models.model import prev_cond
+  from anchoredit_jax.train import _load_init
+  src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "toy", "pretrain")
+  old_cfg, old_graph, old_params, _ = load_params(src)
+  assert not old_cfg.model.concat_anchor
+  cfg = causal_config.get_config("toy")
+  cfg.init_from = src
+  cfg.model.concat_anchor = True
+  params = _load_init(cfg)
+  graphdef = nnx.graphdef(build(cfg.model, nnx.Rngs(0)))
+  k = jax.random.key(0)
+  x = jax.random.uniform(jax.random.fold_in(k, 0), (2, 3, 32, 32, 3))
+  t = jnp.array([[0.0, 0.0, 0.7]] * 2)
+  toks = jnp.zeros((2, 3, cfg.model.text_len), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(3), (2, 3))
+  clean = jax.random.uniform(jax.random.fold_in(k, 1), (2, 3, 32, 32, 3))
+  old = nnx.merge(old_graph, old_params)(x, t, toks, pos, cond=prev_cond(clean))[0]
+  new = nnx.merge(graphdef, params)(x, t, toks, pos, cond=prev_cond(clean, anchor=True))[0]
+  assert float(jnp.abs(old).max()) > 1e-2
+  np.testing.assert_allclose(new, old, rtol=0, atol=1e-5)
+  assert nnx.state(build(cfg.model, nnx.Rngs(0))).dit.patch_embed.kernel.shape == params.dit.patch_embed.kernel.shape
+  cfg.model.concat_anchor, cfg.model.concat_prev = False, False
+  with pytest.raises(ValueError, match="another model config"):
+    _load_init(cfg)

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from anchoredit_jax.data.tokenize import tokenize_batch
 from anchoredit_jax.models.model import init_memory, prev_cond
@@ -26,22 +27,27 @@ def _incremental(apply, params, cfg, x, t, toks, window, dtype=None):
   for i in range(x.shape[1]):
     pos = jnp.broadcast_to(mem.next_turn_pos(), (B, 1))
     out, kv = apply(params, x[:, i:i + 1], t[:, i:i + 1], toks[:, i:i + 1], pos,
-                    cond=mem.cond()[:, None], context=mem.context())
+                    cond=mem.cond(cfg.concat_anchor)[:, None], context=mem.context())
     mem = mem.append((kv[0], kv[1]), x[:, i])
     outs.append(out[:, 0])
   return jnp.stack(outs, 1), mem
 
 
-def test_memory_equals_block_causal_forward_when_window_holds_all():
-  cfg = tiny_model(layers=3, abs_pos=True)  # (b) below covers abs_pos=False
+@pytest.mark.parametrize("anchor", [False, True])
+def test_memory_equals_block_causal_forward_when_window_holds_all(anchor):
+  cfg = tiny_model(layers=3, abs_pos=True, concat_anchor=anchor)  # (b) below covers abs_pos=False
   params, apply = random_model(cfg)
   x, t, toks = _inputs(cfg, 5)
-  full, _ = apply(params, x, t, toks, jnp.broadcast_to(jnp.arange(5), (B, 5)), cond=prev_cond(x))
+  cond = prev_cond(x, anchor)
+  full, _ = apply(params, x, t, toks, jnp.broadcast_to(jnp.arange(5), (B, 5)), cond=cond)
   inc, _ = _incremental(apply, params, cfg, x, t, toks, window=5)
   assert rel_err(inc, full) <= 1e-5
   # and the causal mask matters: a bidirectional forward gives different early turns
-  bi, _ = apply(params, x, t, toks, jnp.broadcast_to(jnp.arange(5), (B, 5)), cond=prev_cond(x), causal=False)
+  bi, _ = apply(params, x, t, toks, jnp.broadcast_to(jnp.arange(5), (B, 5)), cond=cond, causal=False)
   assert rel_err(bi[:, 0], full[:, 0]) > 1e-3
+  if anchor:  # every turn after the source is given the source itself, whatever the window
+    assert cond.shape[-1] == 7 and np.array_equal(cond[:, 3, ..., 4:], x[:, 0])
+    assert not np.any(cond[:, 0])
 
 
 def test_small_window_equals_forward_over_anchor_window_and_new_turn():

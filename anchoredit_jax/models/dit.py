@@ -9,7 +9,8 @@ Two ways to condition a turn on the image before it, both kept:
   * attention: earlier clean turns are keys/values (in the same call, block-causally, or from the
     AnchorMemory passed as `context`);
   * channel concat (`concat_prev`): the previous clean turn's latent and a flag channel are
-    concatenated to the noisy input, as Wan2.1-I2V does with its first frame.
+    concatenated to the noisy input; with `concat_anchor` the anchor (the source image) is too,
+    as Wan2.1-I2V does with its first frame.
 
 Letters: b batch, T turns in this call, n tokens per turn, d dim, L layers, h heads, k head_dim.
 """
@@ -39,6 +40,23 @@ def abs_pos_embedding(grid_h, grid_w, dim):
   rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
   return jnp.concatenate([sinusoidal(rows.ravel(), dim // 2, 100.0),
                           sinusoidal(cols.ravel(), dim - dim // 2, 100.0)], axis=-1)
+
+
+def input_channels(cfg, latent_channels: int) -> int:
+  """Channels of the patch embedding's input: the noisy turn, then the `cond` channels (previous
+  clean turn + flag, then the anchor's latent)."""
+  if cfg.get("concat_anchor") and not cfg.concat_prev:
+    raise ValueError("model.concat_anchor=True needs model.concat_prev=True (it extends that condition)")
+  cond = (latent_channels + 1 if cfg.concat_prev else 0) + (latent_channels if cfg.get("concat_anchor") else 0)
+  return latent_channels + cond
+
+
+def pad_patch_kernel(kernel, patch: int, in_ch: int):
+  """A patch-embedding kernel [(p q c), d] over c input channels -> [(p q in_ch), d] with zero
+  rows for the added channels, so the model computes exactly what it computed before."""
+  c = kernel.shape[0] // (patch * patch)
+  k = kernel.reshape(patch, patch, c, kernel.shape[-1])
+  return jnp.pad(k, ((0, 0), (0, 0), (0, in_ch - c), (0, 0))).reshape(patch * patch * in_ch, -1)
 
 
 class Block(nnx.Module):
@@ -77,8 +95,7 @@ class CausalDiT(nnx.Module):
   def __init__(self, cfg, *, latent_channels: int, rngs):
     self.cfg = cfg
     d, p = cfg.dim, cfg.patch
-    in_ch = latent_channels * (2 if cfg.concat_prev else 1) + (1 if cfg.concat_prev else 0)
-    self.patch_embed = Dense(p * p * in_ch, d, (None, sh.EMBED), rngs=rngs)
+    self.patch_embed = Dense(p * p * input_channels(cfg, latent_channels), d, (None, sh.EMBED), rngs=rngs)
     self.text_embed = MLP(cfg.text_dim, d, d_out=d, rngs=rngs)
     self.time_in = Dense(cfg.freq_dim, d, (None, sh.EMBED), rngs=rngs)
     self.time_out = Dense(d, d, (sh.EMBED, None), rngs=rngs)
@@ -102,7 +119,8 @@ class CausalDiT(nnx.Module):
     x [b,T,H,W,C] noisy latents; t [b,T] in [0,1] (0 = clean); text [b,T,l,text_dim] with
     text_mask [b,T,l], or [b,1,...] for one instruction shared by all T turns (then projected
     once, as a video model's prompt); turn_pos [b,T] RoPE turn index of each turn;
-    cond [b,T,H,W,C+1] previous clean turn + flag (needed iff cfg.concat_prev); context: memory keys
+    cond [b,T,H,W,C+1] previous clean turn + flag (needed iff cfg.concat_prev), [b,T,H,W,2C+1] with
+    the anchor's latent after them (cfg.concat_anchor; `models.model.prev_cond`); context: memory keys
     (k [L,b,m,h,k], v [L,b,m,h,k], positions [b,m,3], valid [b,m]) or None.
     Returns (velocity [b,T,H,W,C], (k, v) [L,b,T*n,h,k] of these turns, before RoPE).
     """

@@ -118,9 +118,13 @@ def init_memory(cfg, batch: int, res: int, window: int, use_anchor: bool = True,
                            use_anchor=use_anchor, dtype=jnp.dtype(dtype or cfg.get("dtype", "float32")))
 
 
-def prev_cond(latents):
+def prev_cond(latents, anchor: bool = False):
   """Channel-concat condition for a sequence of clean turns [b,T,H,W,C] -> [b,T,H,W,C+1]:
-  turn i gets turn i-1 with flag 1; turn 0 gets zeros with flag 0 (matches AnchorMemory.cond)."""
+  turn i gets turn i-1 with flag 1; turn 0 gets zeros with flag 0 (matches AnchorMemory.cond).
+  With `anchor` (model.concat_anchor) every later turn also gets turn 0 itself: [b,T,H,W,2C+1]."""
   prev = jnp.concatenate([jnp.zeros_like(latents[:, :1]), latents[:, :-1]], axis=1)
   flag = jnp.ones(latents.shape[:-1] + (1,), latents.dtype).at[:, 0].set(0.0)
-  return jnp.concatenate([prev, flag], axis=-1)
+  parts = [prev, flag]
+  if anchor:
+    parts.append(jnp.broadcast_to(latents[:, :1], latents.shape).at[:, 0].set(0.0))
+  return jnp.concatenate(parts, axis=-1)

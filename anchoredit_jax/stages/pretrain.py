@@ -35,9 +35,9 @@ def velocity(model, src, x_t, t, tokens):
     ts = jnp.stack([jnp.zeros_like(t), t], axis=1)
     toks = jnp.stack([jnp.broadcast_to(empty_tokens(mcfg), tokens.shape), tokens], axis=1)
     pos = jnp.broadcast_to(jnp.arange(2), (b, 2))
-    cond = prev_cond(jnp.stack([src, src], axis=1)) if mcfg.concat_prev else None
+    cond = prev_cond(jnp.stack([src, src], axis=1), mcfg.concat_anchor) if mcfg.concat_prev else None
     return model(x, ts, toks, pos, cond=cond)[0][:, 1]
-  cond = prev_cond(jnp.stack([src, src], axis=1))[:, 1:] if mcfg.concat_prev else None
+  cond = prev_cond(jnp.stack([src, src], axis=1), mcfg.concat_anchor)[:, 1:] if mcfg.concat_prev else None
   return model(x_t[:, None], t[:, None], tokens[:, None], jnp.ones((b, 1), jnp.int32), cond=cond)[0][:, 0]
 
 
