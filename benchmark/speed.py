@@ -188,7 +188,7 @@ def main(argv=None):
   ap.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
   ap.add_argument("--out", default="benchmark/results/speed")
   ap.add_argument("--skip-editing", action="store_true")
-  ap.add_argument("--attention", default="", choices=("", "xla", "cudnn"),
+  ap.add_argument("--attention", default="", choices=("", "xla", "cudnn", "splash"),
                   help="attention kernel (default: the preset's model.attention_kernel)")
   ap.add_argument("--dtypes", default="", help="compute dtypes to time each preset at, e.g. "
                   "float32,bfloat16 (default: the preset's model.dtype)")

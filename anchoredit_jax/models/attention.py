@@ -10,7 +10,7 @@ from anchoredit_jax import sharding as sh
 from anchoredit_jax.models import rope
 from anchoredit_jax.models.layers import Dense, RMSNorm
 
-KERNELS = ("xla", "cudnn")
+KERNELS = ("xla", "cudnn", "splash")
 
 
 def attend(q, k, v, mask, kernel: str = "xla"):
@@ -19,6 +19,9 @@ def attend(q, k, v, mask, kernel: str = "xla"):
     raise ValueError(f"attention kernel {kernel!r} unknown; choose one of {KERNELS}")
   if kernel == "xla":
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+  if kernel == "splash":
+    from anchoredit_jax.models import splash  # Pallas loads only when this kernel is chosen
+    return splash.splash_attention(q, k, v, mask)
   s = q.shape[1]
   q, k, v, mask = pad_even(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")[:, :s]
