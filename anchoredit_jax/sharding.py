@@ -98,6 +98,30 @@ def use_mesh(mesh, rules):
     _ACTIVE.update(old)
 
 
+def per_shard(fn, in_names, out_names):
+  """`fn` run on each device's block of its arguments (shard_map over the active mesh, specs from
+  logical names), for kernels the partitioner cannot split itself (Pallas). A dimension that its
+  mesh axes do not divide is kept whole. Without a multi-device mesh, `fn` itself."""
+  mesh = _ACTIVE["mesh"]
+  if mesh is None or mesh.size == 1:
+    return fn
+
+  def spec(x, names):
+    out = []
+    for dim, axes in zip(x.shape, logical_to_spec(names) + (None,) * (x.ndim - len(names))):
+      size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+      out.append(axes if dim % size == 0 else None)
+    return P(*out)
+
+  def run(*args):
+    in_specs = tuple(spec(a, n) for a, n in zip(args, in_names))
+    probe = jax.eval_shape(fn, *args)  # the output's global shape decides its divisibility
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec(probe, out_names),
+                         check_vma=False)(*args)
+
+  return run
+
+
 def constrain(x, names):
   """Constrain activation `x` to the logical axes `names` (one per dim) under the active mesh."""
   mesh = _ACTIVE["mesh"]

@@ -72,3 +72,18 @@ def test_splash_row_that_sees_nothing_matches_xla():
   # op (no jit) with NaN checks so the kernel's own output must be finite too
   with jax.debug_nans(True):
     jax.grad(lambda q: attend(q, k, v, mask, "splash").sum())(q)
+
+
+@pytest.mark.parametrize("batch", [4, 2])
+def test_splash_on_a_mesh_runs_per_device_block(batch):
+  """On a data x fsdp x tensor mesh the Pallas kernel runs on each device's block of examples and
+  heads (shard_map); a batch the mesh does not divide stays whole. Same result as xla."""
+  from anchoredit_jax import sharding as sh
+  mesh = sh.make_mesh(dict(data=2, fsdp=2, tensor=2), devices=jax.devices()[:8])
+  q, k, v, mask = _inputs(2, batch, 100, 50, 30, (30, 7, 0, 12)[:batch], 2, 32)
+  with sh.use_mesh(mesh, sh.DEFAULT_RULES):
+    (out, grads), (out_x, grads_x) = _both(q, k, v, mask)
+    assert "shard_map" in str(jax.make_jaxpr(lambda q: attend(q, k, v, mask, "splash"))(q))
+  _assert_close(out, out_x, 1e-5, "forward")
+  for name, g, g_x in zip("qkv", grads, grads_x):
+    _assert_close(g, g_x, 1e-5, f"d{name}")

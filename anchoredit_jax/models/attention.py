@@ -21,7 +21,10 @@ def attend(q, k, v, mask, kernel: str = "xla"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
   if kernel == "splash":
     from anchoredit_jax.models import splash  # Pallas loads only when this kernel is chosen
-    return splash.splash_attention(q, k, v, mask)
+    q_names, kv_names = (sh.BATCH, sh.LENGTH, sh.HEADS, sh.KV), (sh.BATCH, None, sh.HEADS, sh.KV)
+    run = sh.per_shard(splash.splash_attention, (q_names, kv_names, kv_names,
+                                                 (sh.BATCH, sh.LENGTH, None)), q_names)
+    return run(q, k, v, mask)
   s = q.shape[1]
   q, k, v, mask = pad_even(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")[:, :s]
