@@ -98,6 +98,13 @@ def use_mesh(mesh, rules):
     _ACTIVE.update(old)
 
 
+def platform() -> str:
+  """The platform this computation is for: the active mesh's devices (a TPU topology compiled
+  ahead of time from a CPU host, say), else the default backend."""
+  mesh = _ACTIVE["mesh"]
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def per_shard(fn, in_names, out_names):
   """`fn` run on each device's block of its arguments (shard_map over the active mesh, specs from
   logical names), for kernels the partitioner cannot split itself (Pallas). A dimension that its

@@ -144,6 +144,25 @@ def test_tpu_topology_through_libtpu(capsys):
   assert "TPU topology v5litepod-8 (2x4) via libtpu" in text and "of 15.75 GiB HBM" in text
 
 
+def test_splash_attention_compiles_to_the_tpu_kernel(capsys):
+  """On a TPU target the splash kernel is the Mosaic custom call, one per device block (not the
+  interpret mode the CPU tests run), and it moves no attention operand between devices."""
+  pytest.importorskip("libtpu")
+  import jax.numpy as jnp
+  from anchoredit_jax.models.attention import attend
+  devices, how = aot.tpu_devices(aot.parse_topology("v5litepod-8"))
+  assert devices, how
+  mesh = sh.make_mesh(dict(data=4, fsdp=1, tensor=2), devices)
+  b, s, m, h, k = 4, 1560, 3 * 1560, 12, 128  # a Wan-1.3B turn attending to anchor + window of 2
+  arg = lambda shape, names, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh.named(mesh, names))
+  q = arg((b, s, h, k), (sh.BATCH, None, sh.HEADS, None))
+  kv = arg((b, m + s, h, k), (sh.BATCH, None, sh.HEADS, None))
+  mask = arg((b, s, m + s), (sh.BATCH, None, None), jnp.bool_)
+  with sh.use_mesh(mesh, sh.DEFAULT_RULES):
+    hlo = jax.jit(lambda q, k, v, mask: attend(q, k, v, mask, "splash")).lower(q, kv, kv, mask).compile().as_text()
+  assert "tpu_custom_call" in hlo and "all-gather" not in hlo and "all-to-all" not in hlo
+
+
 def test_small_preset_fits_one_h100_in_every_stage():
   # stage 2 of `small` once needed ~340 GiB and ran out of memory on an H200 (remat "dots" fixed
   # it); the CPU compiler's estimate stands in for the GPU's here

@@ -1,8 +1,9 @@
 """Splash attention: jax's Pallas TPU kernel, fed our dynamic [b,s,m] masks.
 
 On TPU the kernel skips every (query block, key block) tile that the mask hides entirely, so
-block-causal turns and invalid memory keys cost nothing. On any other backend the same kernel
-runs in Pallas interpret mode: that is for tests only (slow, many times the xla kernel's time).
+block-causal turns and invalid memory keys cost nothing. For any other platform (the active
+mesh's devices, else the default backend) the same kernel runs in Pallas interpret mode: that is
+for tests only (slow, many times the xla kernel's time).
 
 Letters as in attention.py: b batch, s queries, m keys, h heads, k head_dim.
 """
@@ -11,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_lib
+
+from anchoredit_jax import sharding as sh
 
 # The kernel needs key tiles in multiples of the TPU's 128 lanes; queries use the same tile.
 BLOCK = 128
@@ -49,7 +52,7 @@ def _one_example(q, k, v, mask):
   """q [h,s,k], k/v [h,m,k], mask [s,m] -> [h,s,k]; s and m multiples of BLOCK."""
   # A leading mask axis of 1 is shared by all heads: one copy instead of h.
   kernel = splash_lib.make_splash_mha_single_device(
-      mask[None], block_sizes=BLOCK_SIZES, interpret=jax.default_backend() != "tpu")
+      mask[None], block_sizes=BLOCK_SIZES, interpret=sh.platform() != "tpu")
   # Under jit, the maker turns the Python flag is_dynamic_mask into a traced array, and calling
   # the kernel then branches on it in Python; restore the plain bool it means.
   mark = lambda info: None if info is None else info._replace(is_dynamic_mask=True)
