@@ -18,6 +18,10 @@ def get_config(arg=None):
   c.workdir = f"runs/{p}/causal"
   c.init_from = f"runs/{p}/pretrain"
   c.data.num_turns = 5  # the source + 5 edits, longer than the window below
+  # Every turn also gets the source's latent channel-concatenated (as Wan2.1-I2V conditions on its
+  # first frame). Stage 1 has no use for it (its source is its previous turn), so it is grown here
+  # with zero weights over the stage-1 run; +1 dB identity at turn 16 (benchmark/RESULTS.md).
+  c.model.concat_anchor = True
   c.causal = ml_collections.ConfigDict(dict(
       self_rollout=True, p_teacher=0.2, window=2, anchor=True, full_cache=False,
       rollout_steps=4, rollout_guidance=1.0))
