@@ -332,6 +332,10 @@ def _finished_summary(workdir, cfg, step):
 
 def train(cfg, workdir):
   workdir = os.path.abspath(workdir)
+  from anchoredit_jax.checkpoint import is_reference
+  if is_reference(workdir):
+    raise ValueError(f"--workdir={workdir} is a reference checkpoint, not a run; train into a new "
+                     "directory (--config.init_from may name this one)")
   _check_config(workdir, cfg)
   trainer = Trainer(cfg)
   trainer.check_batch()

@@ -23,7 +23,7 @@ from anchoredit_jax.eval import multiturn as mt, report
 
 def train_missing(systems, runs, preset):
   """Run the training commands behind `systems` whose runs are missing or unfinished."""
-  from anchoredit_jax.checkpoint import has_model
+  from anchoredit_jax.checkpoint import has_model, is_reference
   todo = []
   for name in systems:
     w = mt.SYSTEMS[name].weights
@@ -32,8 +32,8 @@ def train_missing(systems, runs, preset):
         todo.append(stage)
   for stage in todo:
     wdir = os.path.join(runs, stage)
-    if os.path.exists(os.path.join(wdir, "summary.json")):
-      continue  # finished (an unfinished run resumes below)
+    if os.path.exists(os.path.join(wdir, "summary.json")) or is_reference(wdir):
+      continue  # finished, or a reference checkpoint standing in for it (unfinished runs resume)
     cmd = [sys.executable, "-m", "anchoredit_jax.train", f"--workdir={wdir}"] + [
         a.format(root=runs, preset=preset) for a in mt.TRAIN_RUNS[stage]]
     print("training:", " ".join(cmd[1:]), flush=True)

@@ -133,6 +133,12 @@ def test_export_keeps_parameters_and_provenance(runs, refs, tmp_path):
                                                   "params.safetensors"]
   p = run("anchoredit_jax.export", f"--run={tmp_path}", f"--out={tmp_path / 'ref'}")
   assert p.returncode == 2 and "not a training run" in last_line(p) and not (tmp_path / "ref").exists()
+  # training into a reference checkpoint is refused and writes nothing there
+  before = sorted(os.listdir(refs / "distill"))
+  p = run("anchoredit_jax.train", "--config=configs/distill.py:smoke", f"--workdir={refs / 'distill'}",
+          f"--config.init_from={runs / 's2'}")
+  assert p.returncode == 2 and "is a reference checkpoint, not a run" in last_line(p), p.stderr[-1500:]
+  assert sorted(os.listdir(refs / "distill")) == before
 
 
 def test_multiturn_benchmark_runs_every_system_it_has_weights_for(refs, tmp_path):
