@@ -39,7 +39,8 @@ class AnchorMemory:
     kv = lambda: jnp.zeros((layers, batch, n, heads, head_dim), dtype)
     win = lambda: jnp.zeros((layers, batch, window, n, heads, head_dim), dtype)
     latent = lambda: jnp.zeros((batch,) + tuple(latent_shape), jnp.float32)
-    return cls(kv(), kv(), win(), win(), latent(), latent(), jnp.array(False), jnp.array(0, jnp.int32), tuple(grid), use_anchor)
+    return cls(kv(), kv(), win(), win(), latent(), latent(), jnp.array(False),
+               jnp.array(0, jnp.int32), tuple(grid), use_anchor)
 
   @property
   def window(self) -> int:

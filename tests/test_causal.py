@@ -94,3 +94,6 @@ def test_stage_2_can_add_the_anchor_latent_to_a_stage_1_run_without_it():
   cfg.model.concat_anchor, cfg.model.concat_prev = False, False
   with pytest.raises(ValueError, match="another model config"):
     _load_init(cfg)
+  cfg.model.concat_anchor = True  # the anchor's channels extend the previous turn's condition
+  with pytest.raises(ValueError, match="needs model.concat_prev=True"):
+    build(cfg.model, nnx.Rngs(0))

@@ -45,10 +45,11 @@ def abs_pos_embedding(grid_h, grid_w, dim):
 def input_channels(cfg, latent_channels: int) -> int:
   """Channels of the patch embedding's input: the noisy turn, then the `cond` channels (previous
   clean turn + flag, then the anchor's latent)."""
-  if cfg.get("concat_anchor") and not cfg.concat_prev:
+  anchor = bool(cfg.get("concat_anchor"))
+  if anchor and not cfg.concat_prev:
     raise ValueError("model.concat_anchor=True needs model.concat_prev=True (it extends that condition)")
-  cond = (latent_channels + 1 if cfg.concat_prev else 0) + (latent_channels if cfg.get("concat_anchor") else 0)
-  return latent_channels + cond
+  prev = latent_channels + 1 if cfg.concat_prev else 0
+  return latent_channels + prev + (latent_channels if anchor else 0)
 
 
 def pad_patch_kernel(kernel, patch: int, in_ch: int):
