@@ -25,10 +25,11 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from anchoredit_jax import sharding as sh
-from anchoredit_jax.checkpoint import load_config
+from anchoredit_jax.checkpoint import is_reference, load_config
 from anchoredit_jax.data import pipeline, text_store
 from anchoredit_jax.data.tokenize import tokenizer_of
-from anchoredit_jax.models.model import abstract_split, build, frozen_parts
+from anchoredit_jax.models.dit import input_channels, pad_patch_kernel
+from anchoredit_jax.models.model import abstract_split, build, frozen_parts, latent_channels
 from anchoredit_jax.stages import causal, distill, pretrain
 
 # A stage module gives loss_fn(params, graphdef, batch, rng, cfg[, aux]) -> (loss, metrics) and
@@ -310,8 +311,6 @@ GROWABLE = {"concat_anchor": False}
 
 
 def _grow(params, model_cfg):
-  from anchoredit_jax.models.dit import input_channels, pad_patch_kernel
-  from anchoredit_jax.models.model import latent_channels
   kernel = params["dit"]["patch_embed"]["kernel"]
   in_ch = input_channels(model_cfg, latent_channels(model_cfg))
   say(f"patch embedding grown to {in_ch} input channels (zero weights for the anchor's latent)")
@@ -332,7 +331,6 @@ def _finished_summary(workdir, cfg, step):
 
 def train(cfg, workdir):
   workdir = os.path.abspath(workdir)
-  from anchoredit_jax.checkpoint import is_reference
   if is_reference(workdir):
     raise ValueError(f"--workdir={workdir} is a reference checkpoint, not a run; train into a new "
                      "directory (--config.init_from may name this one)")

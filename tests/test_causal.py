@@ -1,11 +1,16 @@
 """Stage 2: the self-rollout scan equals a Python loop, and no gradient reaches earlier turns."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from anchoredit_jax.checkpoint import load_params
 from anchoredit_jax.data import pipeline
-from anchoredit_jax.models.model import build
+from anchoredit_jax.models.model import build, prev_cond
+from anchoredit_jax.train import _load_init
 from anchoredit_jax.stages import causal
 from configs import causal as causal_config
 
@@ -65,13 +70,6 @@ def test_stage_2_can_add_the_anchor_latent_to_a_stage_1_run_without_it():
   """init_from a run without concat_anchor grows the patch embedding with zero weights: the grown
   model computes what the stage-1 model did, whatever the anchor channels hold. The other way
   round (dropping channels) is refused."""
-  import os
-
-  import pytest
-
-  from anchoredit_jax.checkpoint import load_params
-  from anchoredit_jax.models.model import prev_cond
-  from anchoredit_jax.train import _load_init
   src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "toy", "pretrain")
   old_cfg, old_graph, old_params, _ = load_params(src)
   assert not old_cfg.model.concat_anchor

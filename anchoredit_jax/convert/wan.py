@@ -26,7 +26,7 @@ from flax import nnx
 
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.convert.tensors import open_checkpoint
-from anchoredit_jax.models.dit import CausalDiT
+from anchoredit_jax.models.dit import CausalDiT, pad_patch_kernel
 
 PREFIXES = ("", "model.diffusion_model.", "diffusion_model.", "model.")
 IGNORED = ("norm_added_q",)  # an unused parameter of some diffusers Wan checkpoints
@@ -127,11 +127,10 @@ def _view(array, transform, in_ch):
   """Checkpoint tensor -> our layout, as a lazy view where it can be one."""
   if transform == "T":
     return array.T
-  if transform == "conv":  # [d, c, 1, p, q] -> [(p q c_in), d], zeros for the concat_prev channels
+  if transform == "conv":  # [d, c, 1, p, q] -> [(p q c_in), d], zeros for the concat channels
     d, c, _, p, q = array.shape
-    out = np.zeros((p, q, in_ch, d), np.float32)
-    out[:, :, :c] = np.transpose(array[:, :, 0], (2, 3, 1, 0))
-    return out.reshape(p * q * in_ch, d)
+    kernel = np.transpose(np.asarray(array[:, :, 0], np.float32), (2, 3, 1, 0)).reshape(p * q * c, d)
+    return pad_patch_kernel(kernel, p, in_ch)
   return array
 
 

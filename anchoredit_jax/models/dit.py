@@ -16,6 +16,7 @@ Letters: b batch, T turns in this call, n tokens per turn, d dim, L layers, h he
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from flax import nnx
 
@@ -54,10 +55,12 @@ def input_channels(cfg, latent_channels: int) -> int:
 
 def pad_patch_kernel(kernel, patch: int, in_ch: int):
   """A patch-embedding kernel [(p q c), d] over c input channels -> [(p q in_ch), d] with zero
-  rows for the added channels, so the model computes exactly what it computed before."""
+  rows for the added channels, so the model computes exactly what it computed before. A numpy
+  kernel (a checkpoint read on the host) stays numpy."""
+  xp = np if isinstance(kernel, np.ndarray) else jnp
   c = kernel.shape[0] // (patch * patch)
   k = kernel.reshape(patch, patch, c, kernel.shape[-1])
-  return jnp.pad(k, ((0, 0), (0, 0), (0, in_ch - c), (0, 0))).reshape(patch * patch * in_ch, -1)
+  return xp.pad(k, ((0, 0), (0, 0), (0, in_ch - c), (0, 0))).reshape(patch * patch * in_ch, -1)
 
 
 class Block(nnx.Module):
