@@ -59,6 +59,31 @@ def matmul_peak(n, reps=10, dtype=jnp.float32):
 WAN_PROXY = dict(text_encoder="bytes", text_layers=1, text_heads=32, autoencoder="pixel")
 
 
+def projection_ceiling(cfg, batch, reps):
+  """The stage-1 step's projection and FFN matmuls timed alone at their own shapes (forward, input
+  gradient and weight gradient of each), and their MFU against the same peak: what the step would
+  reach if attention, norms, layout copies and the optimizer cost nothing. The gap between this
+  and the step's MFU is the time spent outside these matmuls."""
+  m, d, f = cfg.model, cfg.model.dim, cfg.model.ffn_dim
+  n = (cfg.data.res // m.ae_factor // m.patch) ** 2
+  dt = jnp.dtype(m.dtype)
+  tok, txt = batch * n, batch * m.text_len
+  # per block: self-attention q/k/v/o and cross-attention q/o on the image tokens, cross k/v on
+  # the instruction's, the FFN's two layers
+  shapes = [((tok, d, d), 6), ((txt, d, d), 2), ((tok, d, f), 1), ((tok, f, d), 1)]
+  total_s = total_flops = 0.0
+  fwd = jax.jit(lambda x, w: x @ w)
+  dx = jax.jit(lambda g, w: g @ w.T)
+  dw = jax.jit(lambda x, g: x.T @ g)
+  for (rows, i, o), count in shapes:
+    x, w, g = (jax.random.normal(jax.random.key(k), s, dt) for k, s in
+               enumerate([(rows, i), (i, o), (rows, o)]))
+    t = sum(median_time(lambda: fn(a, b), reps) for fn, a, b in ((fwd, x, w), (dx, g, w), (dw, x, g)))
+    total_s += count * m.layers * t
+    total_flops += count * m.layers * 3 * 2 * rows * i * o
+  return total_flops, total_s
+
+
 def stage_config(stage, preset, attention=""):
   import importlib
   cfg = importlib.import_module(f"configs.{stage}").get_config(preset)
@@ -103,6 +128,9 @@ def train_step(stage, preset, peak, reps, dtype=None, attention=""):
                         "causal": lambda: flops.causal_step(cfg, b),
                         "distill": lambda: flops.distill_step(cfg, b)}[stage]()
   row["mfu"] = row["flops_model"] / t / peak
+  if stage == "pretrain":
+    f, s = projection_ceiling(cfg, b, reps)
+    row.update(matmul_flops=f, matmul_s=s, matmul_mfu=f / s / peak)
   return row
 
 
@@ -222,6 +250,10 @@ def main(argv=None):
       result["train"].append(row)
       save()
       print(f"train {stage}/{preset}/{dt}: {row['step_s'] * 1e3:.1f} ms/step, MFU {row['mfu']:.1%}", flush=True)
+      if "matmul_s" in row:
+        print(f"  its projection/FFN matmuls alone: {row['matmul_s'] * 1e3:.1f} ms, "
+              f"{row['matmul_flops'] / row['flops_model']:.0%} of its FLOPs, at {row['matmul_mfu']:.1%} "
+              f"of peak; {1 - row['matmul_s'] / row['step_s']:.0%} of the step is spent elsewhere", flush=True)
   if not args.skip_editing:
     rows, extra = editing([int(t) for t in args.turns.split(",")], args.reps, args.teacher_steps,
                           presets[0], args.attention)

@@ -91,3 +91,17 @@ def test_small_and_wan_sized_timing_configs_without_memory():
 
 def test_gpu_script_parses():
   subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmark", "gpu.sh")], check=True)
+
+
+def test_projection_ceiling_counts_the_blocks_matmuls():
+  """The matmuls timed alone are the blocks' projections and FFN: their FLOPs are the part of
+  flops.dit_forward that is neither attention scores nor embeddings, times 3 (fwd + 2 grads)."""
+  from benchmark.speed import projection_ceiling, stage_config
+  cfg = stage_config("pretrain", "smoke")
+  m, b = cfg.model, 2
+  n = (cfg.data.res // m.ae_factor // m.patch) ** 2
+  d, f, l = m.dim, m.ffn_dim, m.text_len
+  per_example = m.layers * (2 * n * d * 6 * d + 2 * l * d * 2 * d + 2 * 2 * n * d * f)
+  flops, seconds = projection_ceiling(cfg, b, reps=1)
+  assert flops == 3 * b * per_example
+  assert seconds > 0
