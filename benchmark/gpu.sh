@@ -7,9 +7,9 @@
 # 1. installs whichever of our dependencies does not import, from the wheels carried in .whl/
 #    (python 3.12; nothing is fetched from the network) into a private folder on PYTHONPATH;
 # 2. runs the cuDNN attention parity test, then benchmark/speed.py at a Wan2.1-1.3B-sized model
-#    with random weights, 624x624 = 1521 tokens a turn (stage-1 step, editing to turn 8; again
-#    with cuDNN attention), then at the `small` preset (every stage, editing to turn 32); each
-#    prints the machine, the command and its table, and writes JSON. About 9 minutes at most.
+#    with random weights, 624x624 = 1521 tokens a turn (stage-1 step with its time per XLA op
+#    kind, editing to turn 8; again with cuDNN attention), then at the `small` preset (every
+#    stage, editing to turn 32); each prints the machine, the command and its table, and writes JSON. About 9 minutes at most.
 # Goals on one H100 (issue 5): a 4-step editing turn of the 1.3B model in <= 0.1 s, and training
 # MFU >= 40% of the measured bf16 peak.
 # .whl/ is not tracked by git (28 MB of python-3.12 wheels: flax, optax, orbax-checkpoint, grain,
@@ -69,12 +69,12 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to $OUTDIR
 set +e +o pipefail
 if [ "$DRY" = 1 ]; then
   step dry 600 "$PY" -m benchmark.speed --presets smoke --stages pretrain,causal --turns 1,2 --reps 1 \
-    --teacher-steps 2 --matmul 256 --out "$OUTDIR/dry"
+    --teacher-steps 2 --matmul 256 --profile --out "$OUTDIR/dry"
   exit 0
 fi
 step cudnn_parity 45 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_speed_paths.py -k cudnn
 step wan1.3b 180 "$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2,8 \
-  --reps 5 --out "$OUTDIR/wan1.3b"
+  --reps 5 --profile --out "$OUTDIR/wan1.3b"
 step wan1.3b_cudnn 100 "$PY" -m benchmark.speed --presets wan1.3b --stages pretrain --turns 1,2 \
   --reps 5 --teacher-steps 4 --attention cudnn --out "$OUTDIR/wan1.3b_cudnn"
 step small 240 "$PY" -m benchmark.speed --presets small --turns 1,2,8,32 --reps 5 \

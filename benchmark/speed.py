@@ -32,6 +32,7 @@ from anchoredit_jax import flops, sharding as sh
 from anchoredit_jax.data.tokenize import tokenize
 from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn, tree_bytes
 from anchoredit_jax.models.model import build
+from benchmark import opprofile
 
 INSTRUCTION = "make the red circle blue"
 
@@ -97,7 +98,7 @@ def stage_config(stage, preset, attention=""):
   return cfg
 
 
-def train_step(stage, preset, peak, reps, dtype=None, attention=""):
+def train_step(stage, preset, peak, reps, dtype=None, attention="", profile=""):
   from anchoredit_jax.train import Trainer, make_data
   cfg = stage_config(stage, preset, attention)
   if dtype:
@@ -131,6 +132,9 @@ def train_step(stage, preset, peak, reps, dtype=None, attention=""):
   if stage == "pretrain":
     f, s = projection_ceiling(cfg, b, reps)
     row.update(matmul_flops=f, matmul_s=s, matmul_mfu=f / s / peak)
+  if profile:
+    row["profile"] = opprofile.profile(one, compiled.as_text(), calls=3,
+                                       out=os.path.join(profile, f"{stage}_{preset}"))
   return row
 
 
@@ -218,6 +222,8 @@ def main(argv=None):
   ap.add_argument("--skip-editing", action="store_true")
   ap.add_argument("--attention", default="", choices=("", "xla", "cudnn", "splash"),
                   help="attention kernel (default: the preset's model.attention_kernel)")
+  ap.add_argument("--profile", action="store_true", help="also trace each train step and print "
+                  "its time per XLA op kind (traces under --out/profile, for TensorBoard/Perfetto)")
   ap.add_argument("--dtypes", default="", help="compute dtypes to time each preset at, e.g. "
                   "float32,bfloat16 (default: the preset's model.dtype)")
   args = ap.parse_args(argv)
@@ -245,7 +251,8 @@ def main(argv=None):
 
   for preset, dt in runs:
     for stage in args.stages.split(","):
-      row = train_step(stage, preset, peaks[dt], args.reps, dt, args.attention)
+      row = train_step(stage, preset, peaks[dt], args.reps, dt, args.attention,
+                       os.path.join(args.out, "profile") if args.profile else "")
       row["dtype"] = dt
       result["train"].append(row)
       save()
@@ -254,6 +261,8 @@ def main(argv=None):
         print(f"  its projection/FFN matmuls alone: {row['matmul_s'] * 1e3:.1f} ms, "
               f"{row['matmul_flops'] / row['flops_model']:.0%} of its FLOPs, at {row['matmul_mfu']:.1%} "
               f"of peak; {1 - row['matmul_s'] / row['step_s']:.0%} of the step is spent elsewhere", flush=True)
+      if "profile" in row:
+        print(opprofile.table(row["profile"]), flush=True)
   if not args.skip_editing:
     rows, extra = editing([int(t) for t in args.turns.split(",")], args.reps, args.teacher_steps,
                           presets[0], args.attention)

@@ -105,3 +105,23 @@ def test_projection_ceiling_counts_the_blocks_matmuls():
   flops, seconds = projection_ceiling(cfg, b, reps=1)
   assert flops == 3 * b * per_example
   assert seconds > 0
+
+
+def test_op_profile_sums_the_compiled_programs_ops(tmp_path):
+  """The profile keeps only the compiled program's own instructions, counts a loop's body and not
+  the loop around it, and its shares add up to the whole."""
+  from benchmark import opprofile
+
+  def f(a, w):
+    return jax.lax.fori_loop(0, 3, lambda i, x: jnp.tanh(x @ w), a).sum()
+
+  a, w = jnp.ones((256, 256)), jnp.eye(256) * 0.5
+  compiled = jax.jit(f).lower(a, w).compile()
+  rows = opprofile.profile(lambda: compiled(a, w), compiled.as_text(), calls=2, out=str(tmp_path))
+  kinds = {r["kind"] for r in rows}
+  assert rows and "while" not in kinds
+  assert abs(sum(r["share"] for r in rows) - 1.0) < 1e-6
+  known = opprofile.instructions(compiled.as_text())
+  assert all(r["top_op"] in known for r in rows)
+  assert any("dot" in r["top_op_name"] or "dot" in r["kind"] for r in rows)  # the matmul is seen
+  assert "| op kind |" in opprofile.table(rows)
