@@ -9,7 +9,8 @@
 # 2. runs the cuDNN attention parity test, then benchmark/speed.py at a Wan2.1-1.3B-sized model
 #    with random weights, 624x624 = 1521 tokens a turn (stage-1 step with its time per XLA op
 #    kind, editing to turn 8; again with cuDNN attention), then at the `small` preset (every
-#    stage, editing to turn 32); each prints the machine, the command and its table, and writes JSON. About 9 minutes at most.
+#    stage, editing to turn 32); each prints the machine, the command and its table, and writes
+#    JSON. About 9 minutes at most.
 # Goals on one H100 (issue 5): a 4-step editing turn of the 1.3B model in <= 0.1 s, and training
 # MFU >= 40% of the measured bf16 peak.
 # .whl/ is not tracked by git (28 MB of python-3.12 wheels: flax, optax, orbax-checkpoint, grain,
