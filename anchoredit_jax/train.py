@@ -236,12 +236,22 @@ class MetricLog:
       self.tb.close()
 
 
+# model fields that change how the model computes, not what its parameters are: a run may resume,
+# or a stage start from one, with other values of these (another attention kernel on another device)
+COMPUTE_ONLY = ("attention_kernel", "remat", "dtype")
+
+
+def parameter_fields(model_cfg) -> dict:
+  """The model config's fields that decide its parameters (all but COMPUTE_ONLY), as plain JSON."""
+  return {k: v for k, v in json.loads(model_cfg.to_json()).items() if k not in COMPUTE_ONLY}
+
+
 def _check_config(workdir, cfg):
-  """Refuse to resume a workdir made by a different model config."""
+  """Refuse to resume a workdir made by a model config with other parameters, or another stage."""
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     old = load_config(workdir)
-    if old.model.to_dict() != cfg.model.to_dict() or old.get("stage") != cfg.stage:
+    if parameter_fields(old.model) != parameter_fields(cfg.model) or old.get("stage") != cfg.stage:
       raise ValueError(f"{workdir} holds a run with a different model config or stage; "
                        "use a new --workdir or the same config")
   elif jax.process_index() == 0:
@@ -295,7 +305,7 @@ def _load_init(cfg, mesh=None, rules=None):
   if src_cfg.get("stage") != prev:
     raise ValueError(f"init_from={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} starts "
                      f"from a {prev} run")
-  src_model, our_model = json.loads(src_cfg.model.to_json()), json.loads(cfg.model.to_json())
+  src_model, our_model = parameter_fields(src_cfg.model), parameter_fields(cfg.model)
   if src_model != our_model:
     if {**our_model, **GROWABLE} != src_model:
       raise ValueError(f"init_from={src} was trained with another model config than this stage's")

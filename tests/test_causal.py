@@ -95,3 +95,7 @@ def test_stage_2_can_add_the_anchor_latent_to_a_stage_1_run_without_it():
   cfg.model.concat_anchor = True  # the anchor's channels extend the previous turn's condition
   with pytest.raises(ValueError, match="needs model.concat_prev=True"):
     build(cfg.model, nnx.Rngs(0))
+  # how the stage computes may differ from its init_from run's: the parameters are the same
+  cfg.model.update(concat_prev=True, remat="dots", attention_kernel="splash", dtype="bfloat16")
+  grown = _load_init(cfg)
+  assert jax.tree.structure(grown) == jax.tree.structure(params)

@@ -71,6 +71,9 @@ def test_cli_refuses_workdir_of_another_config(tmp_path):
   assert other.returncode != 0
   err = other.stderr.strip().splitlines()
   assert err and err[-1].startswith("error:") and "different model config" in err[-1]
+  # how the model computes may change on resume (the parameters are the same): remat, kernel, dtype
+  same = _train_cli(wd, "--config.train.steps=3", "--config.model.remat=dots", "--config.eval.pairs=0")
+  assert same.returncode == 0 and "resuming" in same.stdout + same.stderr, same.stderr[-2000:]
 
 
 def test_config_mistakes_are_named():
