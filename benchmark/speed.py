@@ -98,27 +98,32 @@ def stage_config(stage, preset, attention=""):
   return cfg
 
 
-def train_step(stage, preset, peak, reps, dtype=None, attention="", profile=""):
+def compiled_step(cfg):
+  """A stage's train step on one fixed batch over all local devices (data-parallel): (one() that
+  runs a step and returns its metrics, the compiled program)."""
   from anchoredit_jax.train import Trainer, make_data
-  cfg = stage_config(stage, preset, attention)
-  if dtype:
-    cfg.model.dtype = dtype
   cfg.mesh = dict(data=len(jax.devices()), fsdp=1, tensor=1)
   tr = Trainer(cfg)
-  state = tr.init_state(jax.random.key(0))
-  it = iter(make_data(cfg))
-  batch = next(it)
+  holder = [tr.init_state(jax.random.key(0))]
+  batch = next(iter(make_data(cfg)))
   with sh.use_mesh(tr.mesh, tr.rules):
-    compiled = tr.step_fn.lower(state, tr.put_batch(batch), jax.random.key(1), tr.text_store).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = compiled.memory_analysis()
-  holder = [state]
+    compiled = tr.step_fn.lower(holder[0], tr.put_batch(batch), jax.random.key(1), tr.text_store).compile()
 
   def one():
     holder[0], m = tr.step(holder[0], batch, jax.random.key(1))
     return m
 
+  return one, compiled
+
+
+def train_step(stage, preset, peak, reps, dtype=None, attention="", profile=""):
+  cfg = stage_config(stage, preset, attention)
+  if dtype:
+    cfg.model.dtype = dtype
+  one, compiled = compiled_step(cfg)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
   t = median_time(one, reps)
   xla = float(cost.get("flops", float("nan")))
   row = {"stage": stage, "preset": preset, "batch": cfg.train.batch_size, "step_s": t,

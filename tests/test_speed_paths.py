@@ -125,3 +125,14 @@ def test_op_profile_sums_the_compiled_programs_ops(tmp_path):
   assert all(r["top_op"] in known for r in rows)
   assert any("dot" in r["top_op_name"] or "dot" in r["kind"] for r in rows)  # the matmul is seen
   assert "| op kind |" in opprofile.table(rows)
+
+
+def test_variant_overrides_are_applied_and_typos_refused(capsys):
+  from benchmark import variants
+  from benchmark.speed import stage_config
+  cfg = variants.apply(stage_config("causal", "smoke"), "model.remat=dots, causal.window=3,model.abs_pos=True")
+  assert (cfg.model.remat, cfg.causal.window, cfg.model.abs_pos) == ("dots", 3, True)
+  with pytest.raises(ValueError, match="unknown config field 'model.rematt'"):
+    variants.apply(stage_config("pretrain", "smoke"), "model.rematt=dots")
+  assert variants.main(["--preset", "smoke", "model.remat"]) == 2  # nothing compiled, one line
+  assert capsys.readouterr().err.strip().startswith("error: variant item 'model.remat'")
