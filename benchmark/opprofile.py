@@ -5,10 +5,10 @@
 
 Only events that name an instruction of the compiled program count (on a CPU the thunks' own
 names; on a GPU a kernel's `hlo_op`), so Python and executor wrappers around them drop out, as do
-loops and calls (their time is their body's). Ops
-are grouped by kind, the instruction name without its number (`ynn_fusion.64` -> `ynn_fusion`,
-`copy_bitcast_fusion.8` -> `copy_bitcast_fusion`); on a CPU, ops on the two threads of a step
-overlap, so the shares are of op time, not of wall time.
+loops and calls (their time is their body's). Ops are grouped by kind, the instruction name
+without its number (`ynn_fusion.64` -> `ynn_fusion`, `copy_bitcast_fusion.8` ->
+`copy_bitcast_fusion`). On a CPU, ops on the two threads of a step overlap, so the shares are of
+op time, not of wall time.
 """
 import collections
 import glob
