@@ -7,8 +7,8 @@ Only events that name an instruction of the compiled program count (on a CPU the
 names; on a GPU a kernel's `hlo_op`), so Python and executor wrappers around them drop out, as do
 loops and calls (their time is their body's). Ops are grouped by kind, the instruction name
 without its number (`ynn_fusion.64` -> `ynn_fusion`, `copy_bitcast_fusion.8` ->
-`copy_bitcast_fusion`). On a CPU, ops on the two threads of a step overlap, so the shares are of
-op time, not of wall time.
+`copy_bitcast_fusion`), a library call also by its op (`ynn_fusion (dot_general)`). On a CPU,
+ops on the two threads of a step overlap, so the shares are of op time, not of wall time.
 """
 import collections
 import glob
@@ -21,6 +21,8 @@ import jax
 
 # ops whose time is that of the ops inside them
 CONTAINERS = ("while", "conditional", "call")
+# fusions handed to a library (XLA:CPU's YNNPACK/XNNPACK/oneDNN), told apart by what they compute
+LIBRARY_FUSIONS = ("ynn_fusion", "xnn_fusion", "onednn_fusion")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\S+) ")
 
 
@@ -59,7 +61,10 @@ def profile(fn, hlo_text: str, *, calls: int, out: str):
   total = sum(per_op.values()) or 1.0
   kinds = collections.defaultdict(list)
   for name, us in per_op.items():
-    kinds[re.sub(r"\.\d+$", "", name)].append((us, name))
+    kind = re.sub(r"\.\d+$", "", name)
+    if kind in LIBRARY_FUSIONS:  # a library call may be a matmul or a reduction: say which
+      kind += f" ({known[name][1].rsplit('/', 1)[-1] or '?'})"
+    kinds[kind].append((us, name))
   rows = []
   for kind, ops in kinds.items():
     us = sum(u for u, _ in ops)
