@@ -36,8 +36,10 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       dtype="float32"))  # compute dtype of the DiT's blocks (float32 or bfloat16); params stay float32
   if preset == "toy":
     # abs_pos: "add ... at the top left" needs absolute positions; RoPE alone gives relative ones
+    # remat "full": on this CPU recomputing the blocks in the backward pass is faster than storing
+    # their activations (stage-1 / 2 / 3 steps 10% / 8% / 6% faster; benchmark/RESULTS.md)
     m.update(dim=192, layers=4, heads=6, ffn_dim=768, freq_dim=128, text_dim=128, text_layers=2,
-             text_heads=4, abs_pos=True)
+             text_heads=4, abs_pos=True, remat="full")
   elif preset == "small":
     # what one GPU trains in hours: ~110M parameters, 64x64 images at patch 2 (1024 tokens a turn)
     # remat "dots": without it stage 2 (6 turns of 1024 tokens, batch 8) needs about 340 GiB
