@@ -26,6 +26,11 @@ LIBRARY_FUSIONS = ("ynn_fusion", "xnn_fusion", "onednn_fusion")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\S+) ")
 
 
+def kind_of(name: str) -> str:
+  """An instruction's kind: its name without the number (`ynn_fusion.64` -> `ynn_fusion`)."""
+  return re.sub(r"\.\d+$", "", name)
+
+
 def instructions(hlo_text: str) -> dict:
   """name -> (result shape, op_name metadata) of every instruction in an HLO module's text."""
   out = {}
@@ -56,12 +61,12 @@ def profile(fn, hlo_text: str, *, calls: int, out: str):
     if e.get("ph") != "X":
       continue
     name = e.get("args", {}).get("hlo_op") or e.get("name", "")
-    if name in known and re.sub(r"\.\d+$", "", name) not in CONTAINERS:
+    if name in known and kind_of(name) not in CONTAINERS:
       per_op[name] += e.get("dur", 0.0)
   total = sum(per_op.values()) or 1.0
   kinds = collections.defaultdict(list)
   for name, us in per_op.items():
-    kind = re.sub(r"\.\d+$", "", name)
+    kind = kind_of(name)
     if kind in LIBRARY_FUSIONS:  # a library call may be a matmul or a reduction: say which
       kind += f" ({known[name][1].rsplit('/', 1)[-1] or '?'})"
     kinds[kind].append((us, name))
