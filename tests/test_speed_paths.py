@@ -1,5 +1,5 @@
-"""Speed switches: bfloat16 compute, the attention kernel switch, the larger presets and the
-prepared GPU script. Timing itself lives in benchmark/speed.py, not here."""
+"""Speed switches: bfloat16 compute, the attention kernel switch, hand-written backward passes,
+the larger presets and the prepared GPU script. Timing itself lives in benchmark/speed.py, not here."""
 import os
 import subprocess
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from anchoredit_jax.models import layers
 from anchoredit_jax.models.attention import attend, pad_even
 from anchoredit_jax.models.model import abstract_split, build
 from configs import common
@@ -37,6 +38,42 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
   assert "bf16" in bf16.lower(params).as_text() and "bf16" not in f32.lower(params).as_text()
   assert 1e-4 < rel_err(v16, v32) < 3e-2  # rounding shows, but only rounding
+
+
+PLAIN = {  # the formulas as autodiff would differentiate them
+    "normalize": lambda x, s, t: (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6),
+    "rms_normalize": lambda x, s, t: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6),
+    "modulate": lambda x, s, t: x * (1 + s) + t,
+    "gated": lambda x, s, t: t + x * s,
+}
+HAND = {"normalize": lambda x, s, t: layers.normalize(x, 1e-6),
+        "rms_normalize": lambda x, s, t: layers.rms_normalize(x, 1e-6),
+        "modulate": layers.modulate, "gated": lambda x, s, t: layers.gated(t, x, s)}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_hand_written_backward_passes_match_autodiff(name, dtype):
+  k = jax.random.split(jax.random.key(0), 4)
+  x = (3 * jax.random.normal(k[0], (2, 3, 16, 24)) + 1).astype(dtype)
+  s, t = (jax.random.normal(r, (2, 3, 1, 24)).astype(dtype) for r in k[1:3])
+  t = t if name != "gated" else x[::-1]  # the residual input is full size
+  w = jax.random.normal(k[3], x.shape)  # a cotangent that is not all ones
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w), argnums=(0, 1, 2)))
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  assert rel_err(HAND[name](x, s, t), PLAIN[name](x, s, t)) < tol
+  for hand, plain in zip(loss(HAND[name])(x, s, t), loss(PLAIN[name])(x, s, t)):
+    assert hand.dtype == plain.dtype and hand.shape == plain.shape
+    assert rel_err(hand, plain) < tol
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the contraction form is for XLA:CPU")
+def test_dot_sum_is_a_contraction_on_a_cpu():
+  """The point of dot_sum: XLA:CPU sees a dot_general, not a multiply feeding a reduce."""
+  a = jnp.ones((4, 8, 16))
+  jaxpr = str(jax.make_jaxpr(lambda a, b: layers.dot_sum(a, b, (1,)))(a, a))
+  assert "dot_general" in jaxpr and "reduce_sum" not in jaxpr
+  np.testing.assert_allclose(layers.dot_sum(a, 2 * a, (1,)), np.full((4, 1, 16), 16.0))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")

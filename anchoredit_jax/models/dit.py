@@ -23,7 +23,7 @@ from flax import nnx
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.models import rope
 from anchoredit_jax.models.attention import CrossAttention, SelfAttention
-from anchoredit_jax.models.layers import MLP, Dense, LayerNorm, param, sinusoidal
+from anchoredit_jax.models.layers import MLP, Dense, LayerNorm, gated, modulate, param, sinusoidal
 
 X0_MIN_T = 0.05  # velocity = (x_t - x0) / max(t, X0_MIN_T) under x0-prediction
 
@@ -83,14 +83,14 @@ class Block(nnx.Module):
         (self.modulation[None] + e0).astype(x.dtype)[:, :, :, None, :], 6, axis=2)  # each [b,T,1,1,d]
     shift1, scale1, gate1, shift2, scale2, gate2 = (
         m[:, :, 0] for m in (shift1, scale1, gate1, shift2, scale2, gate2))  # [b,T,1,d]
-    y = self.norm1(x) * (1 + scale1) + shift1
+    y = modulate(self.norm1(x), scale1, shift1)
     y, kv = self.self_attn(y.reshape(b, T * n, d), ang, mask, context)
-    x = x + y.reshape(b, T, n, d) * gate1
+    x = gated(x, y.reshape(b, T, n, d), gate1)
     Tt = text.shape[1]  # T (an instruction per turn) or 1 (one shared by every turn, as a video prompt)
     y = self.cross_attn(self.norm3(x).reshape(b * Tt, (T // Tt) * n, d), text.reshape(b * Tt, -1, d),
                         text_mask.reshape(b * Tt, -1))
     x = x + y.reshape(b, T, n, d)
-    x = x + self.ffn(self.norm2(x) * (1 + scale2) + shift2) * gate2
+    x = gated(x, self.ffn(modulate(self.norm2(x), scale2, shift2)), gate2)
     return sh.constrain(x, (sh.BATCH, None, sh.LENGTH, sh.EMBED)), kv
 
 
@@ -173,7 +173,7 @@ class CausalDiT(nnx.Module):
 
     shift, scale = jnp.split((self.head_modulation[None] + e[:, :, None, :])[:, :, :, None], 2, axis=2)
     h = h.astype(jnp.float32)
-    out = self.head(self.head_norm(h) * (1 + scale[:, :, 0]) + shift[:, :, 0])
+    out = self.head(modulate(self.head_norm(h), scale[:, :, 0], shift[:, :, 0]))
     out = rearrange(out, "b T (h w) (p q c) -> b T (h p) (w q) c", h=gh, p=p, q=p)
     if cfg.prediction in ("x0", "x0_residual"):
       # The network predicts the clean turn and we return the implied velocity. Clean pixels lie

@@ -2,7 +2,17 @@
 
 Each parameter carries `out_sharding` (logical axes such as 'embed', 'mlp', 'heads'); the
 mesh mapping lives in `anchoredit_jax.sharding`, so models never mention mesh axes.
+
+Hand-written backward passes (normalize, rms_normalize, modulate, gated): autodiff turns a
+product with a broadcast operand (LayerNorm's statistics, adaLN's scale and gate) into "multiply,
+then sum over the broadcast axes". XLA:CPU hands that fused pattern to YNNPACK, which runs it
+8-20x slower than the same sum written as a contraction; here the sums go through `dot_sum`,
+which writes them as one on a CPU (stage-1 train step 13% faster; benchmark/RESULTS.md,
+session 8). The forward passes are the plain formulas.
 """
+import functools
+import string
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,6 +36,103 @@ class Dense(nnx.Module):
     return y if self.bias is None else y + self.bias.astype(x.dtype)
 
 
+def dot_sum(a, b, axes):
+  """sum(a * b) over `axes` (kept as size-1 axes), accumulated in float32. On a CPU written as a
+  contraction (einsum): see the module docstring. Other backends get the plain form."""
+  axes = tuple(ax % a.ndim for ax in axes)
+  if jax.default_backend() != "cpu":
+    return jnp.sum(a * b, axes, keepdims=True, dtype=jnp.float32).astype(a.dtype)
+  idx = string.ascii_letters[:a.ndim]
+  kept = "".join(c for i, c in enumerate(idx) if i not in axes)
+  out = jnp.einsum(f"{idx},{idx}->{kept}", a, b, preferred_element_type=jnp.float32)
+  return jnp.expand_dims(out, axes).astype(a.dtype)
+
+
+def _broadcast_axes(small, big):
+  """Axes along which `small` was broadcast to `big`'s shape (same rank)."""
+  return tuple(i for i, (s, l) in enumerate(zip(small.shape, big.shape)) if s == 1 and l != 1)
+
+
+def _normalize(x, eps):
+  xc = x - jnp.mean(x, axis=-1, keepdims=True)
+  r = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+  return xc * r, r
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalize(x, eps):
+  """(x - mean) / sqrt(var + eps) over the last axis (LayerNorm without its affine part)."""
+  return _normalize(x, eps)[0]
+
+
+def _normalize_bwd(eps, res, g):
+  y, r = res  # dx = r * (g - mean(g) - y * mean(g * y))
+  return (r * (g - jnp.mean(g, axis=-1, keepdims=True) - y * dot_sum(g, y, (-1,)) / y.shape[-1]),)
+
+
+def _normalize_fwd(x, eps):
+  y, r = _normalize(x, eps)
+  return y, (y, r)
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _rms_normalize(x, eps):
+  r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return x * r, r
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def rms_normalize(x, eps):
+  """x / sqrt(mean(x^2) + eps) over the last axis (RMSNorm without its scale)."""
+  return _rms_normalize(x, eps)[0]
+
+
+def _rms_normalize_bwd(eps, res, g):
+  y, r = res  # dx = r * (g - y * mean(g * y))
+  return (r * (g - y * dot_sum(g, y, (-1,)) / y.shape[-1]),)
+
+
+def _rms_normalize_fwd(x, eps):
+  y, r = _rms_normalize(x, eps)
+  return y, (y, r)
+
+
+rms_normalize.defvjp(_rms_normalize_fwd, _rms_normalize_bwd)
+
+
+@jax.custom_vjp
+def modulate(x, scale, shift):
+  """adaLN modulation x * (1 + scale) + shift; scale and shift [.., 1, d] broadcast over tokens."""
+  return x * (1 + scale) + shift
+
+
+def _modulate_bwd(res, g):
+  x, scale, shift = res
+  return ((g * (1 + scale)).astype(x.dtype),
+          dot_sum(g, x, _broadcast_axes(scale, g)).astype(scale.dtype),
+          jnp.sum(g, _broadcast_axes(shift, g), keepdims=True).astype(shift.dtype))
+
+
+modulate.defvjp(lambda x, scale, shift: (modulate(x, scale, shift), (x, scale, shift)), _modulate_bwd)
+
+
+@jax.custom_vjp
+def gated(x, y, gate):
+  """The gated residual x + y * gate; gate [.., 1, d] broadcast over tokens."""
+  return x + y * gate
+
+
+def _gated_bwd(res, g):
+  x, y, gate = res
+  return (g.astype(x.dtype), (g * gate).astype(y.dtype),
+          dot_sum(g, y, _broadcast_axes(gate, g)).astype(gate.dtype))
+
+
+gated.defvjp(lambda x, y, gate: (gated(x, y, gate), (x, y, gate)), _gated_bwd)
+
+
 class RMSNorm(nnx.Module):
   """RMS normalisation over the last axis with a learned scale (Wan2.1 uses it on q and k)."""
 
@@ -34,9 +141,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale).astype(x.dtype)
+    return (rms_normalize(x.astype(jnp.float32), self.eps) * self.scale).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -48,10 +153,7 @@ class LayerNorm(nnx.Module):
     self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("embed",)) if affine else None
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = normalize(x.astype(jnp.float32), self.eps)
     if self.scale is not None:
       y = y * self.scale + self.bias
     return y.astype(x.dtype)
