@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from anchoredit_jax.models import layers
-from anchoredit_jax.models.attention import attend, pad_even
+from anchoredit_jax.models.attention import attend, attend_cpu, pad_even
 from anchoredit_jax.models.model import abstract_split, build
 from configs import common
 from tests.helpers import rel_err
@@ -41,12 +41,13 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
 
 
 PLAIN = {  # the formulas as autodiff would differentiate them
+    "softmax": lambda x, s, t: jax.nn.softmax(x, axis=-1),
     "normalize": lambda x, s, t: (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6),
     "rms_normalize": lambda x, s, t: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6),
     "modulate": lambda x, s, t: x * (1 + s) + t,
     "gated": lambda x, s, t: t + x * s,
 }
-HAND = {"normalize": lambda x, s, t: layers.normalize(x, 1e-6),
+HAND = {"softmax": lambda x, s, t: layers.softmax(x), "normalize": lambda x, s, t: layers.normalize(x, 1e-6),
         "rms_normalize": lambda x, s, t: layers.rms_normalize(x, 1e-6),
         "modulate": layers.modulate, "gated": lambda x, s, t: layers.gated(t, x, s)}
 
@@ -65,6 +66,20 @@ def test_hand_written_backward_passes_match_autodiff(name, dtype):
   for hand, plain in zip(loss(HAND[name])(x, s, t), loss(PLAIN[name])(x, s, t)):
     assert hand.dtype == plain.dtype and hand.shape == plain.shape
     assert rel_err(hand, plain) < tol
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_attention_matches_jax_attention_and_its_gradients(dtype):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(r, (2, 24, 3, 16)).astype(dtype) for r in (k1, k2, k3))
+  mask = jax.random.bernoulli(k4, 0.6, (2, 24, 24)).at[0, 5].set(False)  # one query sees nothing
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+  w = jax.random.normal(k4, q.shape)
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert rel_err(attend_cpu(q, k, v, mask), ref(q, k, v)) < tol
+  for mine, theirs in zip(grads(lambda *a: attend_cpu(*a, mask)), grads(ref)):
+    assert mine.dtype == theirs.dtype and rel_err(mine, theirs) < tol
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the contraction form is for XLA:CPU")

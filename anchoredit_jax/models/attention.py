@@ -8,7 +8,7 @@ from flax import nnx
 
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.models import rope
-from anchoredit_jax.models.layers import Dense, RMSNorm
+from anchoredit_jax.models.layers import Dense, RMSNorm, softmax
 
 KERNELS = ("xla", "cudnn", "splash")
 
@@ -18,6 +18,8 @@ def attend(q, k, v, mask, kernel: str = "xla"):
   if kernel not in KERNELS:
     raise ValueError(f"attention kernel {kernel!r} unknown; choose one of {KERNELS}")
   if kernel == "xla":
+    if jax.default_backend() == "cpu":
+      return attend_cpu(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
   if kernel == "splash":
     from anchoredit_jax.models import splash  # Pallas loads only when this kernel is chosen
@@ -28,6 +30,14 @@ def attend(q, k, v, mask, kernel: str = "xla"):
   s = q.shape[1]
   q, k, v, mask = pad_even(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")[:, :s]
+
+
+def attend_cpu(q, k, v, mask):
+  """What jax.nn.dot_product_attention computes (float32 logits and softmax, the same mask value),
+  with the softmax's backward pass written for XLA:CPU (layers.softmax)."""
+  logits = jnp.einsum("bshk,bmhk->bhsm", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  logits = jnp.where(mask[:, None], logits, -0.7 * jnp.finfo(jnp.float32).max)
+  return jnp.einsum("bhsm,bmhk->bshk", softmax(logits).astype(v.dtype), v)
 
 
 def pad_even(q, k, v, mask):

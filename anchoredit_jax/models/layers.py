@@ -3,8 +3,8 @@
 Each parameter carries `out_sharding` (logical axes such as 'embed', 'mlp', 'heads'); the
 mesh mapping lives in `anchoredit_jax.sharding`, so models never mention mesh axes.
 
-Hand-written backward passes (normalize, rms_normalize, modulate, gated): autodiff turns a
-product with a broadcast operand (LayerNorm's statistics, adaLN's scale and gate) into "multiply,
+Hand-written backward passes (normalize, rms_normalize, modulate, gated, softmax): autodiff turns
+a product with a broadcast operand (LayerNorm's statistics, adaLN's scale and gate, softmax's sum) into "multiply,
 then sum over the broadcast axes". XLA:CPU hands that fused pattern to YNNPACK, which runs it
 8-20x slower than the same sum written as a contraction; here the sums go through `dot_sum`,
 which writes them as one on a CPU (stage-1 train step 13% faster; benchmark/RESULTS.md,
@@ -131,6 +131,24 @@ def _gated_bwd(res, g):
 
 
 gated.defvjp(lambda x, y, gate: (gated(x, y, gate), (x, y, gate)), _gated_bwd)
+
+
+@jax.custom_vjp
+def softmax(x):
+  """Softmax over the last axis."""
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  p = softmax(x)
+  return p, p
+
+
+def _softmax_bwd(p, g):  # dx = p * (g - sum(g * p))
+  return (p * (g - dot_sum(g, p, (-1,))),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 class RMSNorm(nnx.Module):
