@@ -188,3 +188,15 @@ def test_variant_overrides_are_applied_and_typos_refused(capsys):
     variants.apply(stage_config("pretrain", "smoke"), "model.rematt=dots")
   assert variants.main(["--preset", "smoke", "model.remat"]) == 2  # nothing compiled, one line
   assert capsys.readouterr().err.strip().startswith("error: variant item 'model.remat'")
+
+
+def test_reductions_benchmark_prints_both_forms_and_their_ratio(capsys):
+  from benchmark import reductions
+  reductions.main(["--reps", "2"])
+  out = capsys.readouterr().out
+  rows = [line for line in out.splitlines() if line.startswith("| ") and line.endswith("x |")]
+  assert out.startswith("machine: ") and "command: python -m benchmark.reductions --reps 2" in out
+  assert len(rows) == len(reductions.CASES)
+  for row in rows:
+    plain, mine, ratio = (float(c.strip().rstrip("x")) for c in row.split("|")[3:6])
+    assert plain > 0 and mine > 0 and ratio == pytest.approx(plain / mine, rel=0.1, abs=0.1)

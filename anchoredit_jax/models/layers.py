@@ -4,11 +4,11 @@ Each parameter carries `out_sharding` (logical axes such as 'embed', 'mlp', 'hea
 mesh mapping lives in `anchoredit_jax.sharding`, so models never mention mesh axes.
 
 Hand-written backward passes (normalize, rms_normalize, modulate, gated, softmax): autodiff turns
-a product with a broadcast operand (LayerNorm's statistics, adaLN's scale and gate, softmax's sum) into "multiply,
-then sum over the broadcast axes". XLA:CPU hands that fused pattern to YNNPACK, which runs it
-8-20x slower than the same sum written as a contraction; here the sums go through `dot_sum`,
-which writes them as one on a CPU (stage-1 train step 13% faster; benchmark/RESULTS.md,
-session 8). The forward passes are the plain formulas.
+a product with a broadcast operand (LayerNorm's statistics, adaLN's scale and gate, softmax's
+normaliser) into "multiply, then sum over the broadcast axes". XLA:CPU hands that fused pattern
+to YNNPACK, which runs it 8-20x slower than the same sum written as a contraction; here the sums
+go through `dot_sum`, which writes them as one on a CPU (benchmark/RESULTS.md, session 8). The
+forward passes are the plain formulas, and other backends get the plain sums.
 """
 import functools
 import string
