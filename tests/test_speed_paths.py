@@ -82,13 +82,17 @@ def test_cpu_attention_matches_jax_attention_and_its_gradients(dtype):
     assert mine.dtype == theirs.dtype and rel_err(mine, theirs) < tol
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the contraction form is for XLA:CPU")
-def test_dot_sum_is_a_contraction_on_a_cpu():
-  """The point of dot_sum: XLA:CPU sees a dot_general, not a multiply feeding a reduce."""
+def test_dot_sum_is_a_contraction_for_a_cpu_only(monkeypatch):
+  """The point of dot_sum: XLA:CPU sees a dot_general, not a multiply feeding a reduce. Compiling
+  for another platform (sharding.platform: the default backend, or an AOT target's) keeps the sum."""
   a = jnp.ones((4, 8, 16))
-  jaxpr = str(jax.make_jaxpr(lambda a, b: layers.dot_sum(a, b, (1,)))(a, a))
-  assert "dot_general" in jaxpr and "reduce_sum" not in jaxpr
-  np.testing.assert_allclose(layers.dot_sum(a, 2 * a, (1,)), np.full((4, 1, 16), 16.0))
+  forms = {}
+  for target in ("cpu", "gpu"):
+    monkeypatch.setattr(layers.sh, "platform", lambda: target)
+    forms[target] = str(jax.make_jaxpr(lambda a, b: layers.dot_sum(a, b, (1,)))(a, a))
+    np.testing.assert_allclose(layers.dot_sum(a, 2 * a, (1,)), np.full((4, 1, 16), 16.0))
+  assert "dot_general" in forms["cpu"] and "reduce_sum" not in forms["cpu"]
+  assert "reduce_sum" in forms["gpu"] and "dot_general" not in forms["gpu"]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")

@@ -18,7 +18,7 @@ def attend(q, k, v, mask, kernel: str = "xla"):
   if kernel not in KERNELS:
     raise ValueError(f"attention kernel {kernel!r} unknown; choose one of {KERNELS}")
   if kernel == "xla":
-    if jax.default_backend() == "cpu":
+    if sh.platform() == "cpu":
       return attend_cpu(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
   if kernel == "splash":

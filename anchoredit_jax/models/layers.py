@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from anchoredit_jax import sharding as sh
+
 
 def param(rngs, init, shape, names, dtype=jnp.float32):
   """An nnx.Param annotated with logical axis names (placed later, never eagerly)."""
@@ -37,10 +39,10 @@ class Dense(nnx.Module):
 
 
 def dot_sum(a, b, axes):
-  """sum(a * b) over `axes` (kept as size-1 axes), accumulated in float32. On a CPU written as a
-  contraction (einsum): see the module docstring. Other backends get the plain form."""
+  """sum(a * b) over `axes` (kept as size-1 axes), accumulated in float32. Written as a
+  contraction (einsum) when compiling for a CPU (see the module docstring), else as the plain sum."""
   axes = tuple(ax % a.ndim for ax in axes)
-  if jax.default_backend() != "cpu":
+  if sh.platform() != "cpu":
     return jnp.sum(a * b, axes, keepdims=True, dtype=jnp.float32).astype(a.dtype)
   idx = string.ascii_letters[:a.ndim]
   kept = "".join(c for i, c in enumerate(idx) if i not in axes)
