@@ -55,53 +55,39 @@ def _broadcast_axes(small, big):
   return tuple(i for i, (s, l) in enumerate(zip(small.shape, big.shape)) if s == 1 and l != 1)
 
 
-def _normalize(x, eps):
-  xc = x - jnp.mean(x, axis=-1, keepdims=True)
+def _scale_to_unit(x, eps, center):
+  xc = x - jnp.mean(x, axis=-1, keepdims=True) if center else x
   r = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
   return xc * r, r
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _unit(x, eps, center):
+  return _scale_to_unit(x, eps, center)[0]
+
+
+def _unit_fwd(x, eps, center):
+  y, r = _scale_to_unit(x, eps, center)
+  return y, (y, r)
+
+
+def _unit_bwd(eps, center, res, g):
+  y, r = res  # dx = r * (g - [mean(g) if centred] - y * mean(g * y))
+  gc = g - jnp.mean(g, axis=-1, keepdims=True) if center else g
+  return (r * (gc - y * dot_sum(g, y, (-1,)) / y.shape[-1]),)
+
+
+_unit.defvjp(_unit_fwd, _unit_bwd)
+
+
 def normalize(x, eps):
   """(x - mean) / sqrt(var + eps) over the last axis (LayerNorm without its affine part)."""
-  return _normalize(x, eps)[0]
+  return _unit(x, eps, True)
 
 
-def _normalize_bwd(eps, res, g):
-  y, r = res  # dx = r * (g - mean(g) - y * mean(g * y))
-  return (r * (g - jnp.mean(g, axis=-1, keepdims=True) - y * dot_sum(g, y, (-1,)) / y.shape[-1]),)
-
-
-def _normalize_fwd(x, eps):
-  y, r = _normalize(x, eps)
-  return y, (y, r)
-
-
-normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-def _rms_normalize(x, eps):
-  r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-  return x * r, r
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def rms_normalize(x, eps):
   """x / sqrt(mean(x^2) + eps) over the last axis (RMSNorm without its scale)."""
-  return _rms_normalize(x, eps)[0]
-
-
-def _rms_normalize_bwd(eps, res, g):
-  y, r = res  # dx = r * (g - y * mean(g * y))
-  return (r * (g - y * dot_sum(g, y, (-1,)) / y.shape[-1]),)
-
-
-def _rms_normalize_fwd(x, eps):
-  y, r = _rms_normalize(x, eps)
-  return y, (y, r)
-
-
-rms_normalize.defvjp(_rms_normalize_fwd, _rms_normalize_bwd)
+  return _unit(x, eps, False)
 
 
 @jax.custom_vjp
