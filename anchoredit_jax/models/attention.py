@@ -69,10 +69,10 @@ class _Attention(nnx.Module):
 class SelfAttention(_Attention):
   """Multi-head self-attention with 3D RoPE; earlier turns may come in as memory keys."""
 
-  def __call__(self, x, ang, mask, context=None):
-    """x [b,s,d]; ang [b,s,k/2]; mask [b,s,s].
+  def __call__(self, x, rot, mask, context=None):
+    """x [b,s,d]; rot: RoPE (cos, sin) [b,s,k/2] each (rope.rotation); mask [b,s,s].
 
-    context: optional extra keys (k [b,m,h,k] stored before RoPE, v [b,m,h,k], ang [b,m,k/2],
+    context: optional extra keys (k [b,m,h,k] stored before RoPE, v [b,m,h,k], rot [b,m,k/2] x 2,
     valid [b,m]) that every query may see -- the AnchorMemory.
     Returns (out [b,s,d], (k, v) of x before RoPE, for writing into memory).
     """
@@ -81,10 +81,10 @@ class SelfAttention(_Attention):
                                    (sh.BATCH, sh.LENGTH, sh.HEADS, sh.KV))
     q, k, v = split(self.norm_q(self.q(x))), split(self.norm_k(self.k(x))), split(self.v(x))
     kv = (k, v)
-    q, k = rope.apply(q, ang), rope.apply(k, ang)
+    q, k = rope.apply(q, rot), rope.apply(k, rot)
     if context is not None:
-      k_m, v_m, ang_m, valid_m = context
-      k = jnp.concatenate([rope.apply(k_m.astype(k.dtype), ang_m), k], axis=1)
+      k_m, v_m, rot_m, valid_m = context
+      k = jnp.concatenate([rope.apply(k_m.astype(k.dtype), rot_m), k], axis=1)
       v = jnp.concatenate([v_m.astype(v.dtype), v], axis=1)
       mask = jnp.concatenate([jnp.broadcast_to(valid_m[:, None, :], (b, s, valid_m.shape[1])), mask], -1)
     out = attend(q, k, v, mask, self.kernel)

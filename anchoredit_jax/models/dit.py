@@ -76,15 +76,16 @@ class Block(nnx.Module):
     # Wan2.1's `modulation` / diffusers' `scale_shift_table`: [1, 6, d], added to the shared e0.
     self.modulation = param(rngs, nnx.initializers.normal(d ** -0.5), (1, 6, d), (None, None, sh.EMBED))
 
-  def __call__(self, x, e0, text, text_mask, ang, mask, context=None):
-    """x [b,T,n,d]; e0 [b,T,6,d]; text [b,T|1,l,d]; text_mask [b,T|1,l]; ang [b,T*n,k/2]."""
+  def __call__(self, x, e0, text, text_mask, rot, mask, context=None):
+    """x [b,T,n,d]; e0 [b,T,6,d]; text [b,T|1,l,d]; text_mask [b,T|1,l]; rot: RoPE (cos, sin)
+    [b,T*n,k/2] each."""
     b, T, n, d = x.shape
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
         (self.modulation[None] + e0).astype(x.dtype)[:, :, :, None, :], 6, axis=2)  # each [b,T,1,1,d]
     shift1, scale1, gate1, shift2, scale2, gate2 = (
         m[:, :, 0] for m in (shift1, scale1, gate1, shift2, scale2, gate2))  # [b,T,1,d]
     y = modulate(self.norm1(x), scale1, shift1)
-    y, kv = self.self_attn(y.reshape(b, T * n, d), ang, mask, context)
+    y, kv = self.self_attn(y.reshape(b, T * n, d), rot, mask, context)
     x = gated(x, y.reshape(b, T, n, d), gate1)
     Tt = text.shape[1]  # T (an instruction per turn) or 1 (one shared by every turn, as a video prompt)
     y = self.cross_attn(self.norm3(x).reshape(b * Tt, (T // Tt) * n, d), text.reshape(b * Tt, -1, d),
@@ -150,7 +151,8 @@ class CausalDiT(nnx.Module):
       text, text_mask = text[:, None], text_mask[:, None]
     ctx = self.text_embed(text.astype(dt))  # [b,T|1,l,d]
 
-    ang = rope.angles(rope.token_positions(turn_pos, gh, gw), cfg.dim // cfg.heads, cfg.rope_theta)
+    rot = rope.rotation(rope.angles(rope.token_positions(turn_pos, gh, gw), cfg.dim // cfg.heads,
+                                    cfg.rope_theta))
     tok_turn = jnp.repeat(jnp.arange(T), n)
     mask = (tok_turn[None, :] <= tok_turn[:, None]) if causal else jnp.ones((T * n, T * n), bool)
     mask = jnp.broadcast_to(mask, (b, T * n, T * n))
@@ -158,13 +160,13 @@ class CausalDiT(nnx.Module):
     graphdef, block_state = nnx.split(self.blocks)
     if context is not None:
       k_m, v_m, pos_m, valid_m = context
-      ang_m = rope.angles(pos_m, cfg.dim // cfg.heads, cfg.rope_theta)
+      rot_m = rope.rotation(rope.angles(pos_m, cfg.dim // cfg.heads, cfg.rope_theta))
 
     def body(h, xs):
       layer_state, kv_m = xs
       block = nnx.merge(graphdef, layer_state)
-      layer_ctx = None if kv_m is None else (kv_m[0], kv_m[1], ang_m, valid_m)
-      return block(h, e0, ctx, text_mask, ang, mask, layer_ctx)
+      layer_ctx = None if kv_m is None else (kv_m[0], kv_m[1], rot_m, valid_m)
+      return block(h, e0, ctx, text_mask, rot, mask, layer_ctx)
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
