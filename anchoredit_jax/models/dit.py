@@ -151,8 +151,7 @@ class CausalDiT(nnx.Module):
       text, text_mask = text[:, None], text_mask[:, None]
     ctx = self.text_embed(text.astype(dt))  # [b,T|1,l,d]
 
-    rot = rope.rotation(rope.angles(rope.token_positions(turn_pos, gh, gw), cfg.dim // cfg.heads,
-                                    cfg.rope_theta))
+    rot = rope.rotation(rope.token_positions(turn_pos, gh, gw), cfg.dim // cfg.heads, cfg.rope_theta)
     tok_turn = jnp.repeat(jnp.arange(T), n)
     mask = (tok_turn[None, :] <= tok_turn[:, None]) if causal else jnp.ones((T * n, T * n), bool)
     mask = jnp.broadcast_to(mask, (b, T * n, T * n))
@@ -160,7 +159,7 @@ class CausalDiT(nnx.Module):
     graphdef, block_state = nnx.split(self.blocks)
     if context is not None:
       k_m, v_m, pos_m, valid_m = context
-      rot_m = rope.rotation(rope.angles(pos_m, cfg.dim // cfg.heads, cfg.rope_theta))
+      rot_m = rope.rotation(pos_m, cfg.dim // cfg.heads, cfg.rope_theta)
 
     def body(h, xs):
       layer_state, kv_m = xs

@@ -25,15 +25,16 @@ def angles(positions, head_dim: int, theta: float = 10000.0):
   return jnp.concatenate(parts, axis=-1)
 
 
-def rotation(ang):
-  """Angles [..., s, head_dim // 2] -> (cos, sin), made once per model call and shared by every
-  layer (inside each layer's rotation, XLA:CPU recomputed them in every layer: 3% of a toy
-  stage-3 step's op time)."""
+def rotation(positions, head_dim: int, theta: float = 10000.0):
+  """positions [..., s, 3] -> (cos, sin) of their angles [..., s, head_dim // 2], made once per
+  model call and shared by every layer (inside each layer's rotation, XLA:CPU recomputed them in
+  every layer: 3% of a toy stage-3 step's op time)."""
+  ang = angles(positions, head_dim, theta)
   return jnp.cos(ang), jnp.sin(ang)
 
 
 def apply(x, rot):
-  """Rotate x [..., s, heads, head_dim] by rot = rotation(angles) (broadcast over heads)."""
+  """Rotate x [..., s, heads, head_dim] by rot = rotation(positions, head_dim) (broadcast over heads)."""
   cos, sin = rot[0][..., None, :], rot[1][..., None, :]
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., 0::2], x32[..., 1::2]
