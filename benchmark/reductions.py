@@ -8,15 +8,13 @@ Shapes are those of the toy stage-1 step's backward pass (batch 32, one turn of 
 width, the softmax gradient over the keys.
 """
 import argparse
-import os
-import platform
 import sys
 
 import jax
 import jax.numpy as jnp
 
 from anchoredit_jax.models.layers import dot_sum
-from benchmark.speed import median_time
+from benchmark.speed import median_time, print_header
 
 CASES = {"adaLN gradient (tokens)": ((32, 1, 64, 192), (2,)),
          "norm gradient (width)": ((32, 1, 64, 192), (3,)),
@@ -27,10 +25,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--reps", type=int, default=200)
   args = ap.parse_args(argv)
-  dev = jax.devices()[0]
-  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {dev.device_kind} ({dev.platform}), "
-        f"jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print("command: python -m benchmark.reductions " + " ".join(sys.argv[1:] if argv is None else argv))
+  print_header("reductions", argv)
   print("\n| sum of products | shape, axis | multiply + reduce (us) | dot_sum (us) | ratio |\n|---|---|---|---|---|")
   for name, (shape, axes) in CASES.items():
     a, b = (jax.random.normal(jax.random.key(i), shape) for i in (0, 1))

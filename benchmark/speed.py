@@ -37,6 +37,17 @@ from benchmark import opprofile
 INSTRUCTION = "make the red circle blue"
 
 
+def print_header(module: str, argv) -> str:
+  """Print the machine (devices, jax, XLA_FLAGS) and the command, as every benchmark does first;
+  returns the command."""
+  dev = jax.devices()[0]
+  command = f"python -m benchmark.{module} " + " ".join(sys.argv[1:] if argv is None else argv)
+  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {len(jax.devices())} x {dev.device_kind} "
+        f"({dev.platform}), jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print("command: " + command)
+  return command
+
+
 def median_time(fn, reps):
   fn()  # warm-up / compile
   times = []
@@ -233,10 +244,7 @@ def main(argv=None):
                   "float32,bfloat16 (default: the preset's model.dtype)")
   args = ap.parse_args(argv)
   dev = jax.devices()[0]
-  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {len(jax.devices())} x {dev.device_kind} "
-        f"({dev.platform}), jax {jax.__version__}")
-  command = "python -m benchmark.speed " + " ".join(sys.argv[1:] if argv is None else argv)
-  print("command: " + command)
+  command = print_header("speed", argv)
   n = args.matmul or (2048 if dev.platform == "cpu" else 8192)
   presets = args.presets.split(",")
   dtype_of = {p: stage_config("pretrain", p).model.dtype for p in presets}

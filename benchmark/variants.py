@@ -12,15 +12,13 @@ runs under different XLA_FLAGS, each printing its own baseline.
 """
 import argparse
 import ast
-import os
-import platform
 import sys
 import time
 
 import jax
 import numpy as np
 
-from benchmark.speed import compiled_step, stage_config
+from benchmark.speed import compiled_step, print_header, stage_config
 
 
 def apply(cfg, variant: str):
@@ -72,10 +70,7 @@ def main(argv=None):
   except (ValueError, ModuleNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  dev = jax.devices()[0]
-  print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {len(jax.devices())} x {dev.device_kind} "
-        f"({dev.platform}), jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print("command: python -m benchmark.variants " + " ".join(sys.argv[1:] if argv is None else argv))
+  print_header("variants", argv)
   print("\n| stage | variant | median ms / step | ratio to the preset |\n|---|---|---|---|")
   for stage in args.stages.split(","):
     times = time_variants(stage, args.preset, variants, args.rounds)
