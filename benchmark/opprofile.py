@@ -7,8 +7,9 @@ Only events that name an instruction of the compiled program count (on a CPU the
 names; on a GPU a kernel's `hlo_op`), so Python and executor wrappers around them drop out, as do
 loops and calls (their time is their body's). Ops are grouped by kind, the instruction name
 without its number (`ynn_fusion.64` -> `ynn_fusion`, `copy_bitcast_fusion.8` ->
-`copy_bitcast_fusion`), a library call also by its op (`ynn_fusion (dot_general)`). On a CPU,
-ops on the two threads of a step overlap, so the shares are of op time, not of wall time.
+`copy_bitcast_fusion`), a library call also by the op at its root (`ynn_fusion (dot_general)`):
+a `(reduce_sum)` fusion may also hold the matmul that feeds the sum. On a CPU, ops on the two
+threads of a step overlap, so the shares are of op time, not of wall time.
 """
 import collections
 import glob
