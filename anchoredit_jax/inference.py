@@ -50,22 +50,44 @@ def start_memory(params, graphdef, mem, image):
   model = nnx.merge(graphdef, params)
   b = image.shape[0]
   empty = jnp.broadcast_to(empty_tokens(model.cfg), (b, model.cfg.text_len))
-  return write_turn(model, mem, model.autoencoder.encode(image), encode(model, empty))
+  return _write_image(model, mem, image, empty)
+
+
+def _write_image(model, mem, image, tokens):
+  return write_turn(model, mem, model.autoencoder.encode(image), encode(model, tokens))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("mem",))
+def write_image(params, graphdef, mem, image, tokens):
+  """Write a given image uint8 [b,R,R,3] into the memory as the turn of instruction tokens [b,l],
+  as edit_turn writes its own sample: the oracle-context benchmark writes the ground truth."""
+  return _write_image(nnx.merge(graphdef, params), mem, image, tokens)
+
+
+def _sample(model, mem, tokens, rng, s: Sampler):
+  """(clean latent x0 [b,H,W,C], Text) of a new turn from the memory, not written into it."""
+  text = encode(model, tokens)  # once per turn, shared by every sampler step and the write
+  if s.kind == "student":
+    return generate_turn_fast(model, mem, text, rng, steps=s.steps, shift=s.shift), text
+  empty = encode(model, jnp.broadcast_to(empty_tokens(model.cfg), tokens.shape))
+  return generate_turn(model, mem, text, empty, rng, steps=s.steps, guidance=s.guidance,
+                       shift=s.shift), text
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("mem",))
 def edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
   """One editing turn: tokens int32 [b,l] -> (image float [b,R,R,3] in [0,1], new memory)."""
   model = nnx.merge(graphdef, params)
-  s = sampler
-  text = encode(model, tokens)  # once per turn, shared by every sampler step and the write
-  if s.kind == "student":
-    x0 = generate_turn_fast(model, mem, text, rng, steps=s.steps, shift=s.shift)
-  else:
-    empty = encode(model, jnp.broadcast_to(empty_tokens(model.cfg), tokens.shape))
-    x0 = generate_turn(model, mem, text, empty, rng, steps=s.steps, guidance=s.guidance, shift=s.shift)
+  x0, text = _sample(model, mem, tokens, rng, sampler)
   mem = write_turn(model, mem, x0, text)
   return jnp.clip(model.autoencoder.decode(x0), 0.0, 1.0), mem
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler"))
+def sample_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
+  """edit_turn's image [b,R,R,3] in [0,1] without writing the turn (the memory is not donated)."""
+  model = nnx.merge(graphdef, params)
+  return jnp.clip(model.autoencoder.decode(_sample(model, mem, tokens, rng, sampler)[0]), 0.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "shift"))

@@ -1,8 +1,13 @@
 """Long-horizon multi-turn benchmark: systems i-vii on the same held-out ShapesEdit sequences.
 
   python -m benchmark.multiturn                          # every system whose weights exist
+  python -m benchmark.multiturn --systems i --context both   # own beside ground-truth context
   python -m benchmark.multiturn --systems i,ii --sequences 8 --turns 32
   python -m benchmark.multiturn --all                    # first train the missing variants
+
+256 held-out sequences x 16 turns by default (--baseline-sequences: fewer for the systems other
+than i), 95% intervals on every number (anchoredit_jax/eval/stats.py). --context oracle makes the
+ground-truth turn, not the model's output, the context of the next turn; both runs own and oracle.
 
 Weights are looked up under --weights (reference checkpoints, default checkpoints/toy) and then
 --runs (training runs, default runs/toy). --all trains, under --runs, every run a requested system
@@ -15,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import jax
 
@@ -46,7 +52,10 @@ def train_missing(systems, runs, preset):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--systems", default=",".join(mt.SYSTEMS), help="comma-separated: i,ii,...,vii")
-  ap.add_argument("--sequences", type=int, default=32)
+  ap.add_argument("--sequences", type=int, default=256, help="held-out sequences (system i)")
+  ap.add_argument("--baseline-sequences", type=int, default=None,
+                  help="held-out sequences of the other systems (default: --sequences)")
+  ap.add_argument("--context", default="own", help="own | oracle | both: what the next turn sees")
   ap.add_argument("--turns", type=int, default=16)
   ap.add_argument("--teacher-steps", type=int, default=50)
   ap.add_argument("--batch-size", type=int, default=32)
@@ -59,8 +68,12 @@ def main(argv=None):
   args = ap.parse_args(argv)
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]
   bad = [s for s in systems if s not in mt.SYSTEMS]
-  if bad or args.turns < 1 or args.sequences < 1:
+  if bad or args.turns < 1 or args.sequences < 1 or (args.baseline_sequences or 1) < 1:
     print(f"error: unknown systems {bad} (choose from {list(mt.SYSTEMS)}) or turns/sequences < 1",
+          file=sys.stderr)
+    sys.exit(2)
+  if args.context not in mt.CONTEXTS:
+    print(f"error: --context must be one of {', '.join(mt.CONTEXTS)}, got {args.context!r}",
           file=sys.stderr)
     sys.exit(2)
   command = "python -m benchmark.multiturn " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -69,17 +82,24 @@ def main(argv=None):
   try:
     if args.all:
       train_missing(systems, args.runs, args.preset)
+    t0 = time.perf_counter()
     results, seqs, traj, skipped = mt.evaluate(
-        systems, [args.weights, args.runs], sequences=args.sequences, turns=args.turns,
+        systems, [args.weights, args.runs], sequences=args.sequences,
+        baseline_sequences=args.baseline_sequences, context=args.context, turns=args.turns,
         teacher_steps=args.teacher_steps, batch_size=args.batch_size, seed=args.seed)
+    wall = time.perf_counter() - t0
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
     os._exit(2)
   for name, why in skipped.items():
     print(f"skipped {name}: {why}")
-  meta = {"command": command, "sequences": args.sequences, "turns": args.turns, "seed": args.seed}
+  meta = {"command": command, "sequences": args.sequences, "turns": args.turns, "seed": args.seed,
+          "baseline_sequences": args.baseline_sequences or args.sequences, "context": args.context,
+          "wall_seconds": wall, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
   tab = report.write_outputs(results, seqs, traj, skipped, args.out, meta)
-  print(tab)
+  print(report.headline(results) + "\n\n" + tab)
+  print(f"benchmark took {wall:.0f} s (wall seconds: "
+        + ", ".join(f"{n} {report.wall(r)}" for n, r in results.items()) + ")")
   print(f"-> {args.out}/results.json, table.md, drift.png, contact.png")
 
 

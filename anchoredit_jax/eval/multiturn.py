@@ -1,5 +1,8 @@
 """Long-horizon multi-turn evaluation: every system edits the same held-out ShapesEdit sequences
-for T turns from its own earlier outputs, scored turn by turn against the exact ground truth.
+for T turns, scored turn by turn against the exact ground truth. The context of the next turn is
+the system's own output (context "own", what a user gets) or the ground-truth turn (context
+"oracle": written into the memory, fed as the next input, or appended to the history), which
+separates what one turn loses from what feeding a model its own outputs piles up.
 
 Systems (the issue-4 list; `weights` names the stage directory under a checkpoint root):
   i    AnchorEdit: the 4-step student with anchor + window memory           (distill)
@@ -25,7 +28,9 @@ import numpy as np
 
 from anchoredit_jax import inference
 from anchoredit_jax.data import pipeline
-from anchoredit_jax.eval import metrics
+from anchoredit_jax.eval import metrics, stats
+
+CONTEXTS = ("own", "oracle", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,12 @@ class _Memory:
   def turn(self, mem, tokens, rng):
     return inference.edit_turn(*self.args, mem, jnp.asarray(tokens), rng, sampler=self.sampler)
 
+  def oracle_turn(self, mem, tokens, rng, image):
+    """The same sample as `turn`; the ground-truth image uint8 [b,R,R,3] is written instead."""
+    tokens = jnp.asarray(tokens)
+    pred = inference.sample_turn(*self.args, mem, tokens, rng, sampler=self.sampler)
+    return pred, inference.write_image(*self.args, mem, jnp.asarray(image), tokens)
+
 
 class _Single:
   """System vi: the stage-1 single-turn editor, its own previous output as the next input."""
@@ -112,6 +123,9 @@ class _Single:
     out = jnp.clip(sample(*self.args, prev, jnp.asarray(tokens), rng, steps=self.e.steps,
                           guidance=self.e.guidance, shift=self.e.shift), 0.0, 1.0)
     return out, jnp.round(out * 255.0).astype(jnp.uint8)  # saved and reloaded, as users do
+
+  def oracle_turn(self, prev, tokens, rng, image):
+    return self.turn(prev, tokens, rng)[0], jnp.asarray(image)
 
 
 class _Bidir:
@@ -138,12 +152,23 @@ class _Bidir:
           shift=self.cfg.flow.shift).compile()
     return self.compiled[key]
 
-  def turn(self, state, tokens, rng):
+  def sample(self, state, tokens, rng):
+    x0 = self.prepare(state, tokens, rng)(self.args[0], *state, jnp.asarray(tokens), rng)
+    return x0, jnp.clip(self.ae.decode(x0), 0.0, 1.0)
+
+  @staticmethod
+  def append(state, x0, tokens):
     hist, htok = state
-    tokens = jnp.asarray(tokens)
-    x0 = self.prepare(state, tokens, rng)(self.args[0], hist, htok, tokens, rng)
-    state = (jnp.concatenate([hist, x0[:, None]], 1), jnp.concatenate([htok, tokens[:, None]], 1))
-    return jnp.clip(self.ae.decode(x0), 0.0, 1.0), state
+    return jnp.concatenate([hist, x0[:, None]], 1), jnp.concatenate([htok, jnp.asarray(tokens)[:, None]], 1)
+
+  def turn(self, state, tokens, rng):
+    x0, pred = self.sample(state, tokens, rng)
+    return pred, self.append(state, x0, tokens)
+
+  def oracle_turn(self, state, tokens, rng, image):
+    """The ground-truth turn's latent joins the history in place of the sample."""
+    pred = self.sample(state, tokens, rng)[1]
+    return pred, self.append(state, self.ae.encode(jnp.asarray(image)), tokens)
 
 
 def make_runner(system, weights_dir, *, teacher_steps=50, turns=16):
@@ -156,10 +181,11 @@ def make_runner(system, weights_dir, *, teacher_steps=50, turns=16):
   return _Memory(system, cfg, graphdef, params, teacher_steps, turns)
 
 
-def run_system(runner, seqs, *, batch_size=32, seed=0, keep=2, bar=None):
+def run_system(runner, seqs, *, context="own", batch_size=32, seed=0, keep=2, bar=None):
   """Per-turn metrics {name: [N,T]}, the first `keep` trajectories uint8 [keep,T,R,R,3], the
   state carried between turns at turn T (bytes per sequence) and the median seconds per turn
-  (per batch of sequences, turn 1 excluded: it compiles)."""
+  (per batch of sequences, turn 1 excluded: it compiles). context "oracle": after each turn the
+  ground-truth turn, not the prediction, becomes the context; the prediction is still scored."""
   N, T = seqs["tokens"].shape[:2]
   per_batch, traj, seconds, state_bytes = [], [], [], 0
   for i in range(0, N, batch_size):
@@ -170,10 +196,14 @@ def run_system(runner, seqs, *, batch_size=32, seed=0, keep=2, bar=None):
     rows, outs = [], []
     for k in range(T):
       rng = jax.random.fold_in(jax.random.key(seed), k)
+      tokens = seqs["tokens"][sl, k]
       if hasattr(runner, "prepare"):
-        runner.prepare(state, seqs["tokens"][sl, k], rng)
+        runner.prepare(state, tokens, rng)
       t0 = time.perf_counter()
-      pred, state = runner.turn(state, seqs["tokens"][sl, k], rng)
+      if context == "oracle":
+        pred, state = runner.oracle_turn(state, tokens, rng, imgs[:, k + 1])
+      else:
+        pred, state = runner.turn(state, tokens, rng)
       pred = jax.block_until_ready(pred)
       if k:
         seconds.append(time.perf_counter() - t0)
@@ -197,14 +227,16 @@ def summarize(m) -> dict:
   return {key: [float(x) for x in np.nanmean(v, axis=0)] for key, v in m.items()}
 
 
-def evaluate(systems, roots, *, sequences=32, turns=16, teacher_steps=50, batch_size=32, seed=0,
-             keep=2, res=None, log=print):
-  """Run `systems` (names) on the same held-out sequences. Weights of a system are looked up in
-  each of `roots` in order (reference checkpoints first, then runs). Returns (results, seqs,
-  trajectories, skipped {name: why})."""
-  from tqdm import tqdm
+def describe(m, seed=0) -> dict:
+  """Means of every metric ("per_turn") and the intervals, conditional success and all-correct
+  share of stats.summarize_turns ("stats") of one system in one context."""
+  return {"per_turn": summarize(m), "stats": stats.summarize_turns(
+      m["success"], m["identity_psnr"], m["preserved_psnr"], seed=seed)}
 
-  from anchoredit_jax.checkpoint import has_model, load_config
+
+def find_weights(systems, roots):
+  """({name: weights dir}, {name: why skipped}): each system's stage directory, first root first."""
+  from anchoredit_jax.checkpoint import has_model
   found, skipped = {}, {}
   for name in systems:
     sys_ = SYSTEMS[name]
@@ -216,19 +248,50 @@ def evaluate(systems, roots, *, sequences=32, turns=16, teacher_steps=50, batch_
                        "train them with python -m benchmark.multiturn --all")
   if not found:
     raise FileNotFoundError("no system has weights: " + "; ".join(skipped.values()))
+  return found, skipped
+
+
+def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context="own", turns=16,
+             teacher_steps=50, batch_size=32, seed=0, keep=2, res=None, log=print):
+  """Run `systems` (names) on the same held-out sequences: system i on the first `sequences`,
+  the others on the first `baseline_sequences` (default: as many). Weights of a system are looked
+  up in each of `roots` in order (reference checkpoints first, then runs). context: own | oracle |
+  both (own first; the oracle run's results go under "oracle", with the per-sequence identity gap
+  own - oracle). Returns (results, seqs, trajectories of the first context, skipped {name: why})."""
+  from tqdm import tqdm
+
+  from anchoredit_jax.checkpoint import load_config
+  if context not in CONTEXTS:
+    raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+  found, skipped = find_weights(systems, roots)
   cfg0 = load_config(next(iter(found.values())))
   res = res or cfg0.data.res
-  seqs = heldout(sequences, turns, res, cfg0.model.text_len)
+  count = {name: sequences if name == "i" else (baseline_sequences or sequences) for name in found}
+  seqs = heldout(max(count.values()), turns, res, cfg0.model.text_len)
+  modes = ["own", "oracle"] if context == "both" else [context]
   results, trajectories = {}, {}
-  bar = tqdm(total=len(found) * turns * -(-sequences // batch_size), desc="systems x turns", unit="turn")
+  bar = tqdm(total=len(modes) * turns * sum(-(-n // batch_size) for n in count.values()),
+             desc="systems x turns", unit="turn")
   for name, wdir in found.items():
     sys_ = SYSTEMS[name]
-    bar.set_postfix(system=name)
     runner = make_runner(sys_, wdir, teacher_steps=teacher_steps, turns=turns)
-    m, traj, state_bytes, sec = run_system(runner, seqs, batch_size=batch_size, seed=seed, keep=keep, bar=bar)
-    results[name] = {"label": sys_.label, "weights": wdir, "note": sys_.note, "kind": sys_.kind,
-                     "teacher_steps": teacher_steps if sys_.teacher else None,
-                     "state_bytes": int(state_bytes), "seconds_per_turn": sec, "per_turn": summarize(m)}
-    trajectories[name] = traj
+    mine = {k: v[:count[name]] for k, v in seqs.items()}
+    runs = {}
+    for mode in modes:
+      bar.set_postfix(system=name, context=mode)
+      t0 = time.perf_counter()
+      m, traj, state_bytes, sec = run_system(runner, mine, context=mode, batch_size=batch_size,
+                                             seed=seed, keep=keep, bar=bar)
+      wall = time.perf_counter() - t0
+      log(f"{name}: {count[name]} sequences x {turns} turns, {mode} context: {wall:.1f} s")
+      runs[mode] = (m, traj, dict(describe(m, seed), wall_seconds=wall, context=mode))
+      if mode == modes[0]:
+        results[name] = {"label": sys_.label, "weights": wdir, "note": sys_.note, "kind": sys_.kind,
+                         "teacher_steps": teacher_steps if sys_.teacher else None,
+                         "state_bytes": int(state_bytes), "seconds_per_turn": sec, **runs[mode][2]}
+        trajectories[name] = traj
+    if context == "both":
+      gap = stats.paired_gap(runs["own"][0]["identity_psnr"], runs["oracle"][0]["identity_psnr"], seed=seed)
+      results[name]["oracle"] = dict(runs["oracle"][2], identity_gap=gap)
   bar.close()
   return results, seqs, trajectories, skipped

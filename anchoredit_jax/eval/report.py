@@ -1,5 +1,6 @@
 """Pictures and tables of a multi-turn evaluation (anchoredit_jax/eval/multiturn.py): the
-Markdown table, the drift plot, the contact sheet of trajectories, and all of them written out."""
+Markdown tables with 95% intervals, the headline sentence, the drift plot, the contact sheet of
+trajectories, and all of them written out."""
 import json
 import os
 
@@ -7,34 +8,129 @@ import numpy as np
 
 
 def report_turns(T: int) -> list:
-  return [t for t in [1, 4, 8, 12, 16, 20, 24, 28, 32] if t <= T]
+  """The turns a table shows: 1, 4, 8, ... up to T, and T itself."""
+  return sorted({t for t in [1, 4, 8, 12, 16, 20, 24, 28, 32] if t <= T} | {T})
+
+
+def pct(entry: dict, t: int, unit: str = "") -> str:
+  """A rate at turn t (from 1) with its interval, in percent: '81 [74,86]' ('-' if undefined)."""
+  v, (lo, hi) = entry["value"][t - 1], entry["ci"][t - 1]
+  return "-" if not np.isfinite(v) else f"{100 * v:.0f}{unit} [{100 * lo:.0f},{100 * hi:.0f}]"
+
+
+def db(entry: dict, t: int, unit: str = "", sign: str = "") -> str:
+  """A mean PSNR (or gap) at turn t with its interval, in dB: '26.7 [26.1,27.3]'."""
+  v, (lo, hi) = entry["value"][t - 1], entry["ci"][t - 1]
+  return "-" if not np.isfinite(v) else f"{v:{sign}.1f}{unit} [{lo:{sign}.1f},{hi:{sign}.1f}]"
+
+
+CONTEXT_WORDS = {"own": "its own outputs as context", "oracle": "the ground-truth turns as context"}
+
+
+def _section(title, results, turns, cell) -> list:
+  """A '### title' and a table: one row per system, one column per report turn."""
+  lines = [f"### {title}", "", "| system | " + " | ".join(f"t{t}" for t in turns) + " |",
+           "|" + "---|" * (len(turns) + 1)]
+  lines += [f"| {name} {r['label']} | " + " | ".join(cell(r, t) for t in turns) + " |"
+            for name, r in results.items()]
+  return lines + [""]
 
 
 def table(results: dict, T: int) -> str:
-  """Markdown: one row per system; edit success and identity PSNR at the report turns."""
+  """Markdown tables (rows: systems; columns: the report turns), 95% intervals in brackets:
+  success (Wilson), success given all earlier turns succeeded (Wilson, with its n), all edits so
+  far correct (Wilson), identity and preserved PSNR (bootstrap over sequences); with an oracle
+  run, its success and identity beside the own context's and the gap; then what each run cost."""
   turns = report_turns(T)
-  head = ("| system | " + " | ".join(f"t{t} success / identity dB" for t in turns)
-          + " | state bytes at T | ms per turn (batch) |")
-  lines = [head, "|" + "---|" * (len(turns) + 3)]
+  ctx = next(iter(results.values()))["context"]
+  cond = lambda r, t: f"{pct(r['stats']['conditional_success'], t)} n={r['stats']['conditional_success']['n'][t - 1]}"
+  lines = [f"Context: {CONTEXT_WORDS[ctx]}. Brackets: 95% intervals (rates: Wilson score; PSNR: "
+           "bootstrap over sequences, 2000 resamples).", "",
+           *_section("Edit success, %", results, turns, _cell("success")),
+           *_section("Success given every earlier turn succeeded, % (n such sequences)", results, turns, cond),
+           *_section("All edits so far correct, % of sequences", results, turns, _cell("all_correct")),
+           *_section("Identity PSNR, dB (never-edited pixels against the source)", results, turns, _cell("identity_psnr")),
+           *_section("Preserved PSNR, dB (outside the edit mask, against the ground truth)", results,
+                     turns, _cell("preserved_psnr"))]
+  oracle = {n: r for n, r in results.items() if "oracle" in r}
+  if oracle:
+    side = lambda r, t: (f"{db(r['stats']['identity_psnr'], t)} / {db(r['oracle']['stats']['identity_psnr'], t)}"
+                         f" / {db(r['oracle']['identity_gap'], t, sign='+')}")
+    lines += [*_section("Oracle context (the ground-truth turns as context): edit success, %", oracle,
+                        turns, _cell("success", oracle=True)),
+              *_section("Identity PSNR, dB: own context / oracle context / gap (own - oracle, "
+                        "paired over sequences)", oracle, turns, side)]
+  lines += ["### Cost", "", "| system | sequences | state bytes at T | ms per turn (batch) | wall s |",
+            "|---|---|---|---|---|"]
   for name, r in results.items():
-    s, idp = r["per_turn"]["success"], r["per_turn"]["identity_psnr"]
-    cells = [f"{100 * s[t - 1]:.0f}% / {idp[t - 1]:.1f}" for t in turns]
-    lines.append(f"| {name} {r['label']} | " + " | ".join(cells)
-                 + f" | {r['state_bytes']:,} | {1e3 * r['seconds_per_turn']:.0f} |")
+    lines.append(f"| {name} {r['label']} | {r['stats']['sequences']} | {r['state_bytes']:,} | "
+                 f"{1e3 * r['seconds_per_turn']:.0f} | {wall(r)} |")
   return "\n".join(lines)
 
 
+def wall(r: dict) -> str:
+  """Wall seconds of a system's run (compilation included), and of its oracle run."""
+  return f"{r['wall_seconds']:.0f}" + (f" + {r['oracle']['wall_seconds']:.0f} oracle" if "oracle" in r else "")
+
+
+RATES = ("success", "conditional_success", "all_correct")
+
+
+def _cell(key, oracle=False):
+  """Cell function (result, turn) -> text of one statistic of the own (or oracle) run."""
+  fmt = pct if key in RATES else db
+  return lambda r, t: fmt((r["oracle"] if oracle else r)["stats"][key], t)
+
+
+def _change(entry, a, b, unit, fmt) -> str:
+  """'falls from X [..] at turn a to Y [..] at turn b' with the verb the intervals allow."""
+  (lo_a, hi_a), (lo_b, hi_b) = entry["ci"][a - 1], entry["ci"][b - 1]
+  verb = ("falls" if hi_b < lo_a else "rises" if lo_b > hi_a else "goes")
+  tail = "" if verb != "goes" else " (the intervals overlap)"
+  return f"{verb} from {fmt(entry, a, unit)} at turn {a} to {fmt(entry, b, unit)} at turn {b}{tail}"
+
+
+def drift_sentence(name: str, r: dict) -> str:
+  """The headline of a system's run, computed from its numbers: success and identity from the
+  first to the last turn with intervals, the share with every edit right, and the oracle's
+  identity at the last turn where there is one."""
+  s, T = r["stats"], len(r["stats"]["success"]["value"])
+  out = (f"System {name} ({r['label']}, {CONTEXT_WORDS[r['context']]}, {s['sequences']} held-out "
+         f"sequences): edit success {_change(s['success'], 1, T, '%', pct)}; identity PSNR "
+         f"{_change(s['identity_psnr'], 1, T, ' dB', db)}; all {T} edits correct in "
+         f"{pct(s['all_correct'], T, '%')} of sequences.")
+  if "oracle" in r:
+    o = r["oracle"]
+    out += (f" With the ground-truth turns as context, identity PSNR at turn {T} is "
+            f"{db(o['stats']['identity_psnr'], T, ' dB')} and success {pct(o['stats']['success'], T, '%')}; "
+            f"own minus oracle identity: {db(o['identity_gap'], T, ' dB', '+')}.")
+  return out + " Brackets: 95% intervals."
+
+
+def headline(results: dict) -> str:
+  """drift_sentence of the main system (i) if it ran, else of the first system."""
+  name = "i" if "i" in results else next(iter(results))
+  return drift_sentence(name, results[name])
+
+
 def drift_plot(results: dict, path: str):
+  """Identity PSNR and edit success against turn, a line per system with its 95% band; an oracle
+  run dashed in the same colour."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-  for name, r in results.items():
-    t = np.arange(1, len(r["per_turn"]["success"]) + 1)
-    ax[0].plot(t, r["per_turn"]["identity_psnr"], "o-", ms=3, label=f"{name} {r['label']}")
-    ax[1].plot(t, 100 * np.asarray(r["per_turn"]["success"]), "o-", ms=3, label=f"{name} {r['label']}")
-  ax[0].set(xlabel="turn", ylabel="dB", title="identity PSNR (never-edited pixels vs source)")
-  ax[1].set(xlabel="turn", ylabel="%", title="edit success", ylim=(0, 102))
+  for i, (name, r) in enumerate(results.items()):
+    runs = [(r, "o-", f"{name} {r['label']}")] + ([(r["oracle"], "--", f"{name} oracle context")]
+                                                  if "oracle" in r else [])
+    for run, style, label in runs:
+      for a, key, scale in ((ax[0], "identity_psnr", 1), (ax[1], "success", 100)):
+        e = run["stats"][key]
+        t = np.arange(1, len(e["value"]) + 1)
+        a.plot(t, scale * np.asarray(e["value"]), style, ms=3, color=f"C{i}", label=label)
+        a.fill_between(t, *(scale * np.asarray(e["ci"]).T), color=f"C{i}", alpha=0.15, lw=0)
+  ax[0].set(xlabel="turn", ylabel="dB", title="identity PSNR (never-edited pixels vs source), 95% band")
+  ax[1].set(xlabel="turn", ylabel="%", title="edit success, 95% band", ylim=(0, 102))
   for a in ax:
     a.grid(alpha=0.3)
   ax[1].legend(fontsize=7, loc="lower left")
@@ -73,7 +169,7 @@ def write_outputs(results, seqs, trajectories, skipped, out, meta) -> str:
     json.dump({**meta, "systems": results, "skipped": skipped}, f, indent=2)
   tab = table(results, seqs["tokens"].shape[1])
   with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(tab + "\n")
+    f.write(headline(results) + "\n\n" + tab + "\n")
   drift_plot(results, os.path.join(out, "drift.png"))
   contact_sheet(seqs, trajectories, os.path.join(out, "contact.png"))
   return tab
