@@ -8,7 +8,8 @@
 classifier-free guidance), writes it into the AnchorMemory and decodes it. It is jitted with the
 memory donated and every shape static, so turn 2 and turn 200 run the same compiled code. The
 noise of turn i is `fold_in(key(seed), i)`: a session saved and resumed gives the same turns as
-one that never stopped.
+one that never stopped. `sample_turn` and `write_image` are its two halves apart (the sample
+without the write; a given image written as the turn), for the oracle-context benchmark.
 """
 import dataclasses
 import functools

@@ -36,6 +36,20 @@ def _section(title, results, turns, cell) -> list:
   return lines + [""]
 
 
+def wall(r: dict) -> str:
+  """Wall seconds of a system's run (compilation included), and of its oracle run."""
+  return f"{r['wall_seconds']:.0f}" + (f" + {r['oracle']['wall_seconds']:.0f} oracle" if "oracle" in r else "")
+
+
+RATES = ("success", "conditional_success", "all_correct")
+
+
+def _cell(key, oracle=False):
+  """Cell function (result, turn) -> text of one statistic of the own (or oracle) run."""
+  fmt = pct if key in RATES else db
+  return lambda r, t: fmt((r["oracle"] if oracle else r)["stats"][key], t)
+
+
 def table(results: dict, T: int) -> str:
   """Markdown tables (rows: systems; columns: the report turns), 95% intervals in brackets:
   success (Wilson), success given all earlier turns succeeded (Wilson, with its n), all edits so
@@ -66,20 +80,6 @@ def table(results: dict, T: int) -> str:
     lines.append(f"| {name} {r['label']} | {r['stats']['sequences']} | {r['state_bytes']:,} | "
                  f"{1e3 * r['seconds_per_turn']:.0f} | {wall(r)} |")
   return "\n".join(lines)
-
-
-def wall(r: dict) -> str:
-  """Wall seconds of a system's run (compilation included), and of its oracle run."""
-  return f"{r['wall_seconds']:.0f}" + (f" + {r['oracle']['wall_seconds']:.0f} oracle" if "oracle" in r else "")
-
-
-RATES = ("success", "conditional_success", "all_correct")
-
-
-def _cell(key, oracle=False):
-  """Cell function (result, turn) -> text of one statistic of the own (or oracle) run."""
-  fmt = pct if key in RATES else db
-  return lambda r, t: fmt((r["oracle"] if oracle else r)["stats"][key], t)
 
 
 def _change(entry, a, b, unit, fmt) -> str:
