@@ -5,9 +5,11 @@
 With the toy reference checkpoints in checkpoints/toy (made by `make reproduce`), it
   1. edits one held-out ShapesEdit scene for 16 turns with the 4-step student (session.png: the
      model's turns over the ground truth, scored turn by turn);
-  2. runs the multi-turn benchmark (anchoredit_jax/eval/multiturn.py) for the main system and the
-     baselines that need no extra training, on a few held-out sequences;
-  3. writes report.md with the table and the pictures.
+  2. runs the multi-turn benchmark (anchoredit_jax/eval/multiturn.py): the main system (i) on
+     --sequences held-out sequences with its own outputs and with the ground-truth turns as
+     context, and the baselines that need no extra training on the first --baseline-sequences of
+     them, every number with its 95% interval;
+  3. writes report.md: a headline computed from the numbers, the tables and the pictures.
 """
 import argparse
 import json
@@ -18,7 +20,7 @@ import time
 import numpy as np
 
 STAGES = ("pretrain", "causal", "distill")
-QUICK_SYSTEMS = ("i", "ii", "iv", "v", "vi", "vii")
+MAIN, BASELINES = "i", ("ii", "iv", "v", "vi", "vii")
 
 
 def session(weights, turns, seed, out):
@@ -63,11 +65,14 @@ def provenance_lines(weights_root):
 
 
 def write_report(out, rows, table, results, skipped, args, seconds, weights_root):
+  from anchoredit_jax.eval import report
   ok = sum(r["success"] for r in rows)
   lines = [
       "# anchoredit_jax quickstart", "",
+      report.headline(results), "",
       f"Made by `python -m anchoredit_jax.quickstart {' '.join(args)}` in {seconds / 60:.1f} minutes "
-      f"on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+      f"on {os.cpu_count()} CPUs (load average {os.getloadavg()[1]:.1f} over the last 5 minutes), "
+      f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
       "## Weights (reference checkpoints)", "",
       "| stage | step | training minutes | command | git commit |", "|---|---|---|---|---|",
       *provenance_lines(weights_root), "",
@@ -77,9 +82,12 @@ def write_report(out, rows, table, results, skipped, args, seconds, weights_root
       f"{rows[-1]['identity_psnr']:.1f} dB at turn {len(rows)}.", "",
       "![session](session.png)", "",
       "## Multi-turn benchmark", "",
-      "Edit success and identity PSNR (never-edited pixels against the source) per turn, mean over "
-      "the held-out sequences; state bytes: what one sequence carries from turn to turn; ms per "
-      "turn: one batch of sequences, compilation excluded.", "",
+      "Per turn, over the held-out sequences (the baselines on the first of them): edit success, "
+      "success given that every earlier turn succeeded, the share of sequences with every edit so "
+      "far correct, identity PSNR (never-edited pixels against the source) and preserved PSNR, "
+      "each with its 95% interval; for the main system also with the ground-truth turns as context "
+      "(oracle). State bytes: what one sequence carries from turn to turn; ms per turn: one batch "
+      "of sequences, compilation excluded; wall s: the whole run of a system, compilation included.", "",
       table, "",
       *[f"- {n}: {r['label']}: weights `{r['weights']}`" + (f"; {r['note']}" if r["note"] else "")
         for n, r in results.items()],
@@ -97,7 +105,9 @@ def main(argv=None):
   ap.add_argument("--workdir", default="runs/quickstart")
   ap.add_argument("--weights", default="checkpoints/toy", help="reference checkpoints root")
   ap.add_argument("--turns", type=int, default=16)
-  ap.add_argument("--sequences", type=int, default=8)
+  ap.add_argument("--sequences", type=int, default=128, help="held-out sequences of system i")
+  ap.add_argument("--baseline-sequences", type=int, default=16, help="of the other systems")
+  ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--teacher-steps", type=int, default=50)
   ap.add_argument("--seed", type=int, default=0, help="held-out scene of the session")
   args = ap.parse_args(argv)
@@ -114,15 +124,21 @@ def main(argv=None):
   tqdm.write(f"1/3 a {args.turns}-turn editing session")
   rows = session(os.path.join(args.weights, "distill"), args.turns, args.seed, args.workdir)
   tqdm.write("2/3 multi-turn benchmark")
-  results, seqs, traj, skipped = mt.evaluate(
-      list(QUICK_SYSTEMS), [args.weights], sequences=args.sequences, turns=args.turns,
-      teacher_steps=args.teacher_steps, batch_size=args.sequences)
+  common = dict(turns=args.turns, teacher_steps=args.teacher_steps, batch_size=args.batch_size,
+                log=tqdm.write)
+  results, seqs, traj, skipped = mt.evaluate([MAIN], [args.weights], sequences=args.sequences,
+                                             context="both", **common)
+  baseline_sequences = min(args.baseline_sequences, args.sequences)
+  more, _, more_traj, more_skipped = mt.evaluate(  # the first of the same held-out sequences
+      list(BASELINES), [args.weights], sequences=baseline_sequences, **common)
+  results, traj, skipped = {**results, **more}, {**traj, **more_traj}, {**skipped, **more_skipped}
   meta = {"command": "python -m anchoredit_jax.quickstart " + " ".join(argv),
-          "sequences": args.sequences, "turns": args.turns, "session": rows}
+          "sequences": args.sequences, "baseline_sequences": baseline_sequences,
+          "turns": args.turns, "session": rows}
   table = report.write_outputs(results, seqs, traj, skipped, args.workdir, meta)
   tqdm.write("3/3 report")
   write_report(args.workdir, rows, table, results, skipped, argv, time.time() - t0, args.weights)
-  print(table)
+  print(report.headline(results))
   print(f"quickstart done in {(time.time() - t0) / 60:.1f} min -> {args.workdir}/report.md")
 
 

@@ -2,6 +2,7 @@
 one-line errors of each for bad input."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,8 +184,10 @@ def test_quickstart_report_from_reference_checkpoints(refs, tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   report = (work / "report.md").read_text()
   for piece in ("![session](session.png)", "| i AnchorEdit 4-step student |", "| vii bidirectional",
-                "| distill | 6 |"):
+                "| distill | 6 |", "System i (AnchorEdit 4-step student, its own outputs as context, 2 "
+                "held-out sequences): edit success ", "With the ground-truth turns as context"):
     assert piece in report, piece
+  assert re.search(r"\| i AnchorEdit 4-step student \| \d+ \[\d+,\d+\] \|", report)  # intervals
   for f in ("session.png", "drift.png", "contact.png", "results.json"):
     assert (work / f).exists(), f
   p = run("anchoredit_jax.quickstart", f"--weights={tmp_path / 'none'}", f"--workdir={work}")
