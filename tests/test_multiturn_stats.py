@@ -102,16 +102,13 @@ def test_report_cells_carry_intervals_and_the_headline_follows_the_numbers():
   assert "edit success goes from 100% [94,100] at turn 1 to 100% [94,100] at turn 4 (the intervals overlap)" in still
 
 
-def _tiny_distill():
+@pytest.fixture(scope="module")
+def tiny():
+  """A tiny distill config, its graphdef, random parameters and two held-out 2-turn sequences."""
   cfg = distill_config.get_config("smoke")
   cfg.model = tiny_model(text_len=64)
   graphdef = nnx.split(build(cfg.model, nnx.Rngs(0)))[0]
-  return cfg, graphdef, random_model(cfg.model)[0]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  cfg, graphdef, params = _tiny_distill()
+  params = random_model(cfg.model)[0]
   seqs = mt.heldout(2, 2, cfg.data.res, cfg.model.text_len)
   return cfg, graphdef, params, seqs
 
@@ -169,9 +166,9 @@ def _reference(path, cfg, params):
     json.dump({"step": 0}, f)
 
 
-def test_benchmark_both_contexts_writes_intervals_gap_and_times(tmp_path, capsys):
+def test_benchmark_both_contexts_writes_intervals_gap_and_times(tiny, tmp_path, capsys):
   from benchmark import multiturn as cli
-  cfg, _, params = _tiny_distill()
+  cfg, _, params, _ = tiny
   _reference(str(tmp_path / "w" / "distill"), cfg, params)
   out = tmp_path / "mt"
   cli.main([f"--weights={tmp_path / 'w'}", f"--runs={tmp_path / 'none'}", "--systems=i,iv",
