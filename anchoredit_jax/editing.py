@@ -25,18 +25,19 @@ def choose_text(pick, a, b):
   return jax.tree.map(lambda u, w: jnp.where(pick.reshape((-1,) + (1,) * (u.ndim - 1)), u, w), a, b)
 
 
-def turn_velocity(model, mem, x, t, text, *, copies: int = 1):
-  """Velocity of one new turn: x [b,H,W,C] at time t [b], Text -> (v, kv [L,b,n,h,k]).
-  With copies = c, x/t/text hold c stacked groups of the memory's batch (e.g. conditional and
-  unconditional inputs for CFG), all read against the same memory in one forward pass."""
+def turn_velocity(model, mem, x, t, text, *, copies: int = 1, with_gate: bool = False):
+  """Velocity of one new turn: x [b,H,W,C] at time t [b], Text -> (v, kv [L,b,n,h,k]), and with
+  `with_gate` the copy gate's keep logits [b,H,W] last. With copies = c, x/t/text hold c stacked
+  groups of the memory's batch (e.g. conditional and unconditional inputs for CFG), all read
+  against the same memory in one forward pass."""
   b = x.shape[0]
   pos = jnp.broadcast_to(mem.next_turn_pos(), (b, 1))
   tile = lambda a, axis: jnp.concatenate([a] * copies, axis=axis) if copies > 1 else a
   cond = tile(mem.cond(model.cfg.concat_anchor), 0)[:, None] if model.cfg.concat_prev else None
   k, v, p, valid = mem.context()
   ctx = (tile(k, 1), tile(v, 1), tile(p, 0), tile(valid, 0))
-  v, kv = model(x[:, None], t[:, None], text, pos, cond=cond, context=ctx)
-  return v[:, 0], kv
+  out = model(x[:, None], t[:, None], text, pos, cond=cond, context=ctx, with_gate=with_gate)
+  return (out[0][:, 0], out[1]) + ((out[2][:, 0],) if with_gate else ())
 
 
 def concat_text(*texts):
@@ -50,9 +51,11 @@ def guided_velocity(model, mem, x, t, text, uncond):
   return v[:x.shape[0]], v[x.shape[0]:]
 
 
-def write_turn(model, mem, x0, text):
-  """Append a clean turn x0 [b,H,W,C] (its K/V at t = 0 under Text, no gradient) to the memory."""
-  _, kv = turn_velocity(model, mem, x0, jnp.zeros((x0.shape[0],)), text)
+def write_turn(model, mem, x0, text, t=None):
+  """Append a clean turn x0 [b,H,W,C] (its K/V at t = 0 under Text, no gradient) to the memory.
+  Training may write a lightly noised turn instead, at its time t [b] (context noise)."""
+  t = jnp.zeros((x0.shape[0],)) if t is None else t
+  _, kv = turn_velocity(model, mem, x0, t, text)
   return mem.append(jax.lax.stop_gradient(kv), jax.lax.stop_gradient(x0))
 
 

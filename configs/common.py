@@ -32,6 +32,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       text_encoder="bytes", text_dim=64, text_layers=1, text_heads=4, text_len=64,
       autoencoder="pixel", ae_factor=1, latent_channels=3,
       concat_prev=True, concat_anchor=False, source_context=False, prediction="velocity", abs_pos=False,
+      copy_gate=False,  # an output channel gating between the new turn and the previous one (dit.py)
+      rope_stride=1,    # temporal RoPE positions = turn index x stride (the authors use 4)
       attention_kernel="xla", remat="none",
       dtype="float32"))  # compute dtype of the DiT's blocks (float32 or bfloat16); params stay float32
   if preset == "toy":

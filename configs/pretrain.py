@@ -26,8 +26,12 @@ def get_config(arg=None):
       res={"wan1.3b": 480, "wan14b": 480, "small": 64}.get(p, 32), num_turns=1, background="procedural", ops=(),
       threads=1, prefetch=4,
       text_store=""))  # a folder of stored instruction embeddings (data/text_store.py; frozen umT5)
+  # p_identity: share of examples whose instruction is identity_text and whose target is the
+  # source ("no instruction means no change"), never the empty instruction CFG drops to.
+  # gate_weight: the copy gate's cross-entropy against the exact "unchanged" mask (copy_gate models)
   c.flow = ml_collections.ConfigDict(dict(t_mean=0.0, t_std=1.0, shift=3.0, p_uncond=0.1,
-                                         edit_weight=4.0))
+                                         edit_weight=4.0, p_identity=0.0, identity_text="no change",
+                                         gate_weight=1.0))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=200, end_lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.99, clip=1.0))
   c.train = ml_collections.ConfigDict(dict(

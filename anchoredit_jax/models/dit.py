@@ -12,6 +12,11 @@ Two ways to condition a turn on the image before it, both kept:
     concatenated to the noisy input; with `concat_anchor` the anchor (the source image) is too,
     as Wan2.1-I2V does with its first frame.
 
+An optional copy path (`copy_gate`, beyond the paper): the head predicts one more channel, a
+per-pixel logit of "keep the previous turn here", and the clean turn it implies is blended with
+the previous turn by it. Where an edit leaves pixels alone they are then copied exactly instead of
+being regenerated, so they cannot drift. Zero-initialised, it starts almost closed.
+
 Letters: b batch, T turns in this call, n tokens per turn, d dim, L layers, h heads, k head_dim.
 """
 import jax
@@ -26,6 +31,9 @@ from anchoredit_jax.models.attention import CrossAttention, SelfAttention
 from anchoredit_jax.models.layers import MLP, Dense, LayerNorm, gated, modulate, param, sinusoidal
 
 X0_MIN_T = 0.05  # velocity = (x_t - x0) / max(t, X0_MIN_T) under x0-prediction
+# copy gate: keep = sigmoid(logit + GATE_OFFSET); a zero-initialised head gives keep = 3.4e-4, so
+# a model grown with the gate (or a Wan model) starts computing almost exactly what it did
+GATE_OFFSET = -8.0
 
 REMAT_POLICIES = {
     "none": None,
@@ -51,6 +59,32 @@ def input_channels(cfg, latent_channels: int) -> int:
     raise ValueError("model.concat_anchor=True needs model.concat_prev=True (it extends that condition)")
   prev = latent_channels + 1 if cfg.concat_prev else 0
   return latent_channels + prev + (latent_channels if anchor else 0)
+
+
+def output_channels(cfg, latent_channels: int) -> int:
+  """Channels the head predicts per latent pixel: the turn, then the copy gate's logit if any."""
+  if cfg.get("copy_gate") and not cfg.concat_prev:
+    raise ValueError("model.copy_gate=True needs model.concat_prev=True (the turn it copies from)")
+  return latent_channels + (1 if cfg.get("copy_gate") else 0)
+
+
+def pad_head(kernel, patch: int, out_ch: int):
+  """A head kernel [d, (p q c)] (or bias [(p q c)]) over c output channels -> over out_ch, the
+  added channels zero (the copy gate's logit: keep = sigmoid(GATE_OFFSET) at first)."""
+  xp = np if isinstance(kernel, np.ndarray) else jnp
+  lead = kernel.shape[:-1]
+  c = kernel.shape[-1] // (patch * patch)
+  k = kernel.reshape(lead + (patch, patch, c))
+  return xp.pad(k, [(0, 0)] * (len(lead) + 2) + [(0, out_ch - c)]).reshape(lead + (-1,))
+
+
+def copy_gated(v, x_t, t, prev, logit):
+  """Blend the predicted clean turn with the previous turn where the gate says keep:
+  x0' = (1 - keep) x0 + keep prev, returned as the velocity it implies, v + keep (x0 - prev) / t.
+  v/x_t/prev [..., H, W, C], t broadcastable to them, logit [..., H, W] -> [..., H, W, C]."""
+  keep = jax.nn.sigmoid(logit + GATE_OFFSET)[..., None]
+  x0 = x_t - t * v
+  return v + keep * (x0 - prev) / jnp.maximum(t, X0_MIN_T)
 
 
 def pad_patch_kernel(kernel, patch: int, in_ch: int):
@@ -116,9 +150,11 @@ class CausalDiT(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.head_norm = LayerNorm(d, rngs=rngs, affine=False)
     self.head_modulation = param(rngs, nnx.initializers.normal(d ** -0.5), (1, 2, d), (None, None, sh.EMBED))
-    self.head = Dense(d, p * p * latent_channels, (sh.EMBED, None), rngs=rngs, zero_init=True)
+    self.head = Dense(d, p * p * output_channels(cfg, latent_channels), (sh.EMBED, None), rngs=rngs,
+                      zero_init=True)
 
-  def __call__(self, x, t, text, text_mask, turn_pos, *, cond=None, context=None, causal=True):
+  def __call__(self, x, t, text, text_mask, turn_pos, *, cond=None, context=None, causal=True,
+               with_gate=False):
     """Denoise T turns at once.
 
     x [b,T,H,W,C] noisy latents; t [b,T] in [0,1] (0 = clean); text [b,T,l,text_dim] with
@@ -127,7 +163,9 @@ class CausalDiT(nnx.Module):
     cond [b,T,H,W,C+1] previous clean turn + flag (needed iff cfg.concat_prev), [b,T,H,W,2C+1] with
     the anchor's latent after them (cfg.concat_anchor; `models.model.prev_cond`); context: memory keys
     (k [L,b,m,h,k], v [L,b,m,h,k], positions [b,m,3], valid [b,m]) or None.
-    Returns (velocity [b,T,H,W,C], (k, v) [L,b,T*n,h,k] of these turns, before RoPE).
+    Returns (velocity [b,T,H,W,C], (k, v) [L,b,T*n,h,k] of these turns, before RoPE); with
+    `with_gate` (a cfg.copy_gate model) also the copy gate's keep logits [b,T,H,W] (offset included).
+    Turn positions are spaced by cfg.rope_stride (the authors' temporal RoPE stride).
     """
     cfg, p = self.cfg, self.cfg.patch
     b, T, H, W, C = x.shape
@@ -151,7 +189,9 @@ class CausalDiT(nnx.Module):
       text, text_mask = text[:, None], text_mask[:, None]
     ctx = self.text_embed(text.astype(dt))  # [b,T|1,l,d]
 
-    rot = rope.rotation(rope.token_positions(turn_pos, gh, gw), cfg.dim // cfg.heads, cfg.rope_theta)
+    stride = cfg.get("rope_stride", 1)
+    rot = rope.rotation(rope.token_positions(turn_pos * stride, gh, gw), cfg.dim // cfg.heads,
+                        cfg.rope_theta)
     tok_turn = jnp.repeat(jnp.arange(T), n)
     mask = (tok_turn[None, :] <= tok_turn[:, None]) if causal else jnp.ones((T * n, T * n), bool)
     mask = jnp.broadcast_to(mask, (b, T * n, T * n))
@@ -159,7 +199,8 @@ class CausalDiT(nnx.Module):
     graphdef, block_state = nnx.split(self.blocks)
     if context is not None:
       k_m, v_m, pos_m, valid_m = context
-      rot_m = rope.rotation(pos_m, cfg.dim // cfg.heads, cfg.rope_theta)
+      rot_m = rope.rotation(pos_m * jnp.array([stride, 1, 1], pos_m.dtype), cfg.dim // cfg.heads,
+                            cfg.rope_theta)
 
     def body(h, xs):
       layer_state, kv_m = xs
@@ -176,6 +217,7 @@ class CausalDiT(nnx.Module):
     h = h.astype(jnp.float32)
     out = self.head(modulate(self.head_norm(h), scale[:, :, 0], shift[:, :, 0]))
     out = rearrange(out, "b T (h w) (p q c) -> b T (h p) (w q) c", h=gh, p=p, q=p)
+    out, logit = out[..., :C], (out[..., C] if out.shape[-1] > C else None)
     if cfg.prediction in ("x0", "x0_residual"):
       # The network predicts the clean turn and we return the implied velocity. Clean pixels lie
       # on a low-dimensional set while noise does not, so x-prediction learns faster in pixel
@@ -189,4 +231,10 @@ class CausalDiT(nnx.Module):
       out = (x[..., :C] - out) / jnp.maximum(t, X0_MIN_T)[:, :, None, None, None]
     elif cfg.prediction != "velocity":
       raise ValueError(f"model.prediction={cfg.prediction!r}; use velocity, x0 or x0_residual")
+    if logit is not None:
+      out = copy_gated(out, x[..., :C], t[:, :, None, None, None], cond[..., :C].astype(out.dtype), logit)
+      if with_gate:
+        return out, kv, logit + GATE_OFFSET
+    elif with_gate:
+      raise ValueError("with_gate=True needs a model made with model.copy_gate=True")
     return out, kv

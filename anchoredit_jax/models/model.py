@@ -90,12 +90,13 @@ class EditModel(nnx.Module):
     text, mask = self.text(tokens)
     return (jax.lax.stop_gradient(text), mask) if "text" in frozen_parts(self.cfg) else (text, mask)
 
-  def __call__(self, x, t, tokens, turn_pos, *, cond=None, context=None, causal=True):
+  def __call__(self, x, t, tokens, turn_pos, *, cond=None, context=None, causal=True, with_gate=False):
     """Velocity for T turns: x [b,T,H,W,C], t [b,T], tokens [b,T,l] -> (v, kv per layer).
     `tokens` may also be the text encoder's output (embeddings, mask) for them, so a sampler
     encodes a turn's instruction once rather than at each of its steps."""
     text, text_mask = tokens if isinstance(tokens, tuple) else self.encode_text(tokens)
-    return self.dit(x, t, text, text_mask, turn_pos, cond=cond, context=context, causal=causal)
+    return self.dit(x, t, text, text_mask, turn_pos, cond=cond, context=context, causal=causal,
+                    with_gate=with_gate)
 
 
 def build(cfg, rngs) -> EditModel:

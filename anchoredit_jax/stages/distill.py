@@ -13,7 +13,9 @@ No JVP is needed. Like stage 2, training runs over multi-turn sequences with one
 carry holds each model's AnchorMemory; the turn written into all three memories is the
 *student's own* 4-step sample (self-rollout; ground truth with probability p_teacher), so the
 student learns on the context it will see at inference. Each model keeps its own memory because
-the keys and values of a turn depend on the weights that computed them.
+the keys and values of a turn depend on the weights that computed them. Stage 2's anti-drift
+switches (`causal.degrade`, `context_noise`, `rollout_target`, `turn_weight`) act here the same way,
+and a copy-gated student also learns its gate against the exact edit mask.
 """
 import jax
 import jax.numpy as jnp
@@ -22,8 +24,9 @@ from flax import nnx
 
 from anchoredit_jax import flow
 from anchoredit_jax.editing import encode, generate_turn_fast, guided_velocity, turn_velocity, write_turn
-from anchoredit_jax.stages.causal import evaluate, rollout_context, rollout_inputs, run_turns
-from anchoredit_jax.stages.pretrain import weighted_mse
+from anchoredit_jax.stages.causal import (evaluate, rollout_context, rollout_inputs, run_turns,
+                                          training_context, turn_target, turn_weighted)
+from anchoredit_jax.stages.pretrain import gate_loss, weighted_mse
 
 ROLES = ("student", "ema", "teacher")
 __all__ = ["evaluate", "init_aux", "loss_fn", "update_aux"]  # evaluate: multi-turn, as stage 2
@@ -46,24 +49,30 @@ def schedule(cfg):
   return flow.shift_time(jnp.linspace(0.0, 1.0, cfg.distill.intervals + 1), cfg.flow.shift)
 
 
-def consistency_x0(model, mem, x, t, text):
-  return flow.x0_from_velocity(x, turn_velocity(model, mem, x, t, text)[0], t)
+def consistency_x0(model, mem, x, t, text, with_gate=False):
+  """f(x, t) = x - t v(x, t) [b,H,W,C] (and the copy gate's keep logits with `with_gate`)."""
+  out = turn_velocity(model, mem, x, t, text, with_gate=with_gate)
+  x0 = flow.x0_from_velocity(x, out[0], t)
+  return (x0, out[2]) if with_gate else x0
 
 
 def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
   """Per-turn consistency losses [K] over one self-rollout (see the module docstring)."""
   models = {"student": nnx.merge(graphdef, params), "ema": nnx.merge(graphdef, aux["ema"]),
             "teacher": nnx.merge(graphdef, aux["teacher"])}
-  c, d = cfg.causal, cfg.distill
+  c, d, gate = cfg.causal, cfg.distill, bool(cfg.model.get("copy_gate"))
   src, empty, mem0, xs = rollout_inputs(models["student"], cfg, batch)
+  ae = models["student"].autoencoder
   empty = {r: encode(m, empty) for r, m in models.items()}
-  mems = {r: write_turn(m, mem0, src, empty[r]) for r, m in models.items()}
+  x_src, t_src = training_context(jax.random.fold_in(rng, 0), src, c, ae, source=True)
+  mems = {r: write_turn(m, mem0, x_src, empty[r], t_src) for r, m in models.items()}
   grid = schedule(cfg)
 
-  def body(mems, xs):
+  def body(carry, xs):
+    mems, prev = carry  # prev: the clean turn last written (before degradation)
     k, x_gt, tokens, mask = xs
     r = jax.random.fold_in(rng, k)
-    r_gen, r_teach, r_n, r_noise = (jax.random.fold_in(r, i) for i in range(4))
+    r_gen, r_teach, r_n, r_noise, r_ctx = (jax.random.fold_in(r, i) for i in range(5))
     b = x_gt.shape[0]
     text = {r: encode(m, tokens) for r, m in models.items()}
     x_ctx = rollout_context(c, x_gt, lambda: generate_turn_fast(
@@ -71,21 +80,24 @@ def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
         shift=cfg.flow.shift), r_teach)
     n = jax.random.randint(r_n, (b,), 0, d.intervals)
     t_hi, t_lo = grid[n + 1], grid[n]
-    x_hi = flow.add_noise(x_gt, jax.random.normal(r_noise, x_gt.shape), t_hi)
+    x_hi = flow.add_noise(turn_target(c, x_gt, prev, mask), jax.random.normal(r_noise, x_gt.shape), t_hi)
     v_c, v_u = guided_velocity(models["teacher"], mems["teacher"], x_hi, t_hi, text["teacher"],
                                empty["teacher"])
     v = v_u + d.guidance * (v_c - v_u)
     x_lo = x_hi + (t_lo - t_hi)[:, None, None, None] * v
     target = jax.lax.stop_gradient(consistency_x0(models["ema"], mems["ema"], x_lo, t_lo, text["ema"]))
-    pred = consistency_x0(models["student"], mems["student"], x_hi, t_hi, text["student"])
-    loss, _ = weighted_mse(pred, target, mask, cfg.flow.edit_weight)
-    mems = {r: write_turn(models[r], mems[r], x_ctx, text[r]) for r in ROLES}
-    return mems, loss
+    pred = consistency_x0(models["student"], mems["student"], x_hi, t_hi, text["student"], gate)
+    loss, _ = weighted_mse(pred[0] if gate else pred, target, mask, cfg.flow.edit_weight)
+    if gate:
+      loss = loss + cfg.flow.gate_weight * gate_loss(pred[1], mask)
+    x_mem, t_mem = training_context(r_ctx, x_ctx, c, ae)
+    mems = {r: write_turn(models[r], mems[r], x_mem, text[r], t_mem) for r in ROLES}
+    return (mems, x_ctx), loss
 
-  return run_turns(body, mems, xs, use_scan)
+  return run_turns(body, (mems, src), xs, use_scan)
 
 
 def loss_fn(params, graphdef, batch, rng, cfg, aux):
   losses = rollout_losses(params, graphdef, batch, rng, cfg, aux)
-  loss = jnp.mean(losses)
+  loss = turn_weighted(losses, cfg.causal.turn_weight)
   return loss, {"loss": loss, "loss_first_turn": losses[0], "loss_last_turn": losses[-1]}

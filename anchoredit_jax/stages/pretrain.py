@@ -5,14 +5,19 @@ is held clean: it enters as a clean context turn (t = 0) the target attends to
 (`source_context`), channel-concatenated to the noisy target (`concat_prev`), or both. The loss
 is on the target turn only, with the pixels the edit changes weighted up by `edit_weight`
 (most of an image is copied, and an unweighted loss learns to copy long before it learns to
-edit; the mask is ground truth available at training time only). Instructions are dropped with probability `p_uncond`, so the same
-model also predicts the unconditional velocity that classifier-free guidance needs.
+edit; the mask is ground truth available at training time only). Instructions are dropped with
+probability `p_uncond`, so the same model also predicts the unconditional velocity that
+classifier-free guidance needs. With probability `p_identity` an example becomes an identity
+mapping instead: the instruction `identity_text` and the source itself as the target, so the
+model learns that saying "no change" changes nothing (kept apart from the empty instruction CFG
+drops to, whose target stays the edit).
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from anchoredit_jax import flow
@@ -24,37 +29,62 @@ from anchoredit_jax.models.model import prev_cond
 
 def empty_tokens(model_cfg):
   """The empty instruction [text_len] (the unconditional input of classifier-free guidance)."""
-  return jnp.asarray(tokenize_for(model_cfg, [""])[0])
+  return instruction_tokens(model_cfg, "")
 
 
-def velocity(model, src, x_t, t, tokens):
-  """Velocity of the target turn. src/x_t [b,H,W,C] latents, t [b], tokens [b,l] -> [b,H,W,C]."""
+def instruction_tokens(model_cfg, text: str):
+  """One instruction's tokens [text_len]."""
+  return jnp.asarray(tokenize_for(model_cfg, [text])[0])
+
+
+def velocity(model, src, x_t, t, tokens, with_gate=False):
+  """Velocity of the target turn. src/x_t [b,H,W,C] latents, t [b], tokens [b,l] -> [b,H,W,C]
+  (and the copy gate's keep logits [b,H,W] with `with_gate`)."""
   mcfg, b = model.cfg, x_t.shape[0]
+  pick = lambda out, i: (out[0][:, i], out[2][:, i]) if with_gate else out[0][:, i]
   if mcfg.source_context:
     x = jnp.stack([src, x_t], axis=1)
     ts = jnp.stack([jnp.zeros_like(t), t], axis=1)
     toks = jnp.stack([jnp.broadcast_to(empty_tokens(mcfg), tokens.shape), tokens], axis=1)
     pos = jnp.broadcast_to(jnp.arange(2), (b, 2))
     cond = prev_cond(jnp.stack([src, src], axis=1), mcfg.concat_anchor) if mcfg.concat_prev else None
-    return model(x, ts, toks, pos, cond=cond)[0][:, 1]
+    return pick(model(x, ts, toks, pos, cond=cond, with_gate=with_gate), 1)
   cond = prev_cond(jnp.stack([src, src], axis=1), mcfg.concat_anchor)[:, 1:] if mcfg.concat_prev else None
-  return model(x_t[:, None], t[:, None], tokens[:, None], jnp.ones((b, 1), jnp.int32), cond=cond)[0][:, 0]
+  return pick(model(x_t[:, None], t[:, None], tokens[:, None], jnp.ones((b, 1), jnp.int32), cond=cond,
+                    with_gate=with_gate), 0)
 
 
 def loss_fn(params, graphdef, batch, rng, cfg):
   """Flow-matching loss on the target turn. batch: images uint8 [b,2,R,R,3], tokens [b,1,l]."""
   model = nnx.merge(graphdef, params)
+  f, gate = cfg.flow, bool(cfg.model.get("copy_gate"))
   lat = model.autoencoder.encode(batch["images"])  # [b,2,H,W,C]
   src, x0 = lat[:, 0], lat[:, 1]
   b = x0.shape[0]
-  r_t, r_noise, r_drop = (jax.random.fold_in(rng, i) for i in range(3))
-  t = flow.sample_time(r_t, (b,), mean=cfg.flow.t_mean, std=cfg.flow.t_std, shift=cfg.flow.shift)
+  r_t, r_noise, r_drop, r_id = (jax.random.fold_in(rng, i) for i in range(4))
+  ident = jax.random.bernoulli(r_id, f.get("p_identity", 0.0), (b,))
+  x0 = jnp.where(ident[:, None, None, None], src, x0)
+  mask = batch["edit_masks"][:, 0] & ~ident[:, None, None]
+  t = flow.sample_time(r_t, (b,), mean=f.t_mean, std=f.t_std, shift=f.shift)
   noise = jax.random.normal(r_noise, x0.shape)
-  drop = jax.random.bernoulli(r_drop, cfg.flow.p_uncond, (b,))
+  drop = jax.random.bernoulli(r_drop, f.p_uncond, (b,)) & ~ident
   tokens = jnp.where(drop[:, None], empty_tokens(cfg.model), batch["tokens"][:, 0])
-  v = velocity(model, src, flow.add_noise(x0, noise, t), t, tokens)
-  loss, mse = edit_weighted_loss(v, x0, noise, batch["edit_masks"][:, 0], cfg.flow.edit_weight)
-  return loss, {"loss": loss, "mse": mse}
+  if f.get("p_identity", 0.0) > 0:
+    tokens = jnp.where(ident[:, None], instruction_tokens(cfg.model, f.identity_text), tokens)
+  out = velocity(model, src, flow.add_noise(x0, noise, t), t, tokens, with_gate=gate)
+  loss, mse = edit_weighted_loss(out[0] if gate else out, x0, noise, mask, f.edit_weight)
+  aux = {"mse": mse}
+  if gate:
+    aux["gate_loss"] = gate_loss(out[1], mask)
+    loss = loss + f.gate_weight * aux["gate_loss"]
+  return loss, {"loss": loss, **aux}
+
+
+def gate_loss(keep_logit, edit_mask):
+  """Cross-entropy of the copy gate's keep logits [b,H,W] against "this latent pixel is not
+  edited" (the exact edit mask [b,R,R] on the latent grid)."""
+  keep = 1.0 - edit_region(edit_mask, keep_logit.shape[1])
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(keep_logit, keep))
 
 
 def edit_weighted_loss(v, x0, noise, edit_mask, edit_weight):
