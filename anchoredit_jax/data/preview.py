@@ -1,7 +1,9 @@
 """Contact sheet of ShapesEdit sequences: one row per sequence, one column per turn, the
-instruction above each turn and the edit mask outlined in red.
+instruction above each turn and the edit mask outlined in red. With --degradation, what history
+degradation (anchoredit_jax/degrade.py) does to context turns instead.
 
   python -m anchoredit_jax.data.preview --out docs/shapesedit.png --turns 6 --res 128
+  python -m anchoredit_jax.data.preview --degradation --out docs/degradation.png --res 32
 """
 import argparse
 import textwrap
@@ -33,14 +35,48 @@ def contact_sheet(out, seeds=(0, 1, 2), turns=6, res=128, split="train", backgro
   return out
 
 
+def degradation_sheet(out, seeds=(0, 1, 2), res=32, draws=3):
+  """Per sequence two rows: a context turn clean, with each kind alone at full strength, and
+  `draws` samples of the default mix (what training writes); below each, |change| x 5."""
+  import jax
+  import jax.numpy as jnp
+
+  from anchoredit_jax import degrade
+  from anchoredit_jax.models.autoencoder import PixelAutoencoder
+  ae = PixelAutoencoder(1)
+  cols = [("clean", None)] + [(k, k) for k in degrade.KINDS] + [(f"mix {i + 1}", "mix") for i in range(draws)]
+  fig, axes = plt.subplots(2 * len(seeds), len(cols), figsize=(1.45 * len(cols), 1.6 * 2 * len(seeds)))
+  for row, seed in enumerate(seeds):
+    x = ae.encode(jnp.asarray(shapes.make_sequence(seed, 1, res, "train")["images"][1:2]))
+    for col, (title, kind) in enumerate(cols):
+      cfg = degrade.default_config(enabled=kind is not None)
+      if kind not in (None, "mix"):
+        cfg.update({f"p_{k}": float(k == kind) for k in degrade.KINDS}, s_min=1.0, s_max=1.0)
+      y = degrade.degrade(jax.random.key(1000 * seed + col), x, cfg, autoencoder=ae)
+      img, diff = np.asarray(ae.decode(y)[0]), np.asarray(jnp.abs(ae.decode(y) - ae.decode(x))[0])
+      for r, pic in ((2 * row, img), (2 * row + 1, np.clip(5 * diff, 0, 1))):
+        axes[r, col].imshow(pic, interpolation="nearest")
+        axes[r, col].axis("off")
+      axes[2 * row, col].set_title(title, fontsize=7)
+  fig.suptitle("history degradation of a context turn (top) and |change| x 5 (below); "
+               "single kinds at strength 1, mixes as training draws them", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--turns", type=int, default=6)
   ap.add_argument("--res", type=int, default=128)
   ap.add_argument("--background", default="procedural", choices=shapes.BACKGROUNDS)
+  ap.add_argument("--degradation", action="store_true", help="history degradation, not sequences")
   args = ap.parse_args(argv)
-  print(contact_sheet(args.out, turns=args.turns, res=args.res, background=args.background))
+  if args.degradation:
+    print(degradation_sheet(args.out, res=args.res))
+  else:
+    print(contact_sheet(args.out, turns=args.turns, res=args.res, background=args.background))
 
 
 if __name__ == "__main__":
