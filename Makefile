@@ -55,7 +55,8 @@ reproduce: $(STAMP)
 	for stage in pretrain causal distill; do \
 	  $(PY) -m anchoredit_jax.export --run=$(REPRO)/$$stage --out=$(REF)/$$stage; \
 	done; \
-	$(PY) -m benchmark.multiturn --weights=$(REF) --runs=$(REPRO) --out=benchmark/results/multiturn; \
+	$(PY) -m benchmark.multiturn --weights=$(REF) --runs=$(REPRO) --baseline-sequences=32 \
+	  --out=benchmark/results/multiturn; \
 	echo "reproduce: done in $$(( ($$(date +%s) - start) / 60 )) min"
 
 clean:

@@ -7,6 +7,7 @@ separates what one turn loses from what feeding a model its own outputs piles up
 Systems (the issue-4 list; `weights` names the stage directory under a checkpoint root):
   i    AnchorEdit: the 4-step student with anchor + window memory           (distill)
   ii   its N-step CFG teacher, same memory                                    (causal)
+  ii4  the stage-2 weights with i's 4-step sampler, no CFG: no distillation   (causal)
   iii  no self-rollout: stage 2 teacher-forced, then stage 3 from it          (distill_tf)
   iv   window only, no anchor: inference-time change of i's weights          (distill)
   v    full cache of every turn: inference-time change of i's weights        (distill)
@@ -40,6 +41,7 @@ class System:
   weights: str            # stage directory under the checkpoint root
   kind: str = "memory"    # memory | single | bidir
   teacher: bool = False   # N-step Euler + CFG instead of the run's own sampler
+  few_step: bool = False  # the 4-step consistency sampler without CFG on stage-2 weights
   anchor: bool = True
   full_cache: bool = False
   note: str = ""
@@ -48,6 +50,8 @@ class System:
 SYSTEMS = {s.name: s for s in [
     System("i", "AnchorEdit 4-step student", "distill"),
     System("ii", "N-step CFG teacher", "causal", teacher=True),
+    System("ii4", "stage 2, 4-step sampler, no CFG", "causal", few_step=True,
+           note="stage-2 weights, no distillation: what stage 3 starts from"),
     System("iii", "no self-rollout", "distill_tf",
            note="stages 2 and 3 with causal.self_rollout=False, same step budgets"),
     System("iv", "window only (no anchor)", "distill", anchor=False,
@@ -89,6 +93,8 @@ class _Memory:
     self.cfg, self.system = cfg, system
     if system.teacher:
       self.sampler = inference.Sampler("teacher", teacher_steps, cfg.eval.guidance, cfg.flow.shift)
+    elif system.few_step:
+      self.sampler = inference.Sampler("student", 4, 1.0, cfg.flow.shift)
     else:
       self.sampler = inference.default_sampler(cfg)
     self.window = turns + 1 if system.full_cache else cfg.causal.window

@@ -26,7 +26,7 @@ from flax import nnx
 
 from anchoredit_jax import degrade, flow
 from anchoredit_jax.editing import choose_text, encode, generate_turn, turn_velocity, write_turn
-from anchoredit_jax.eval import metrics
+from anchoredit_jax.eval import metrics, stats
 from anchoredit_jax.models.model import init_memory
 from anchoredit_jax.stages.pretrain import edit_region, edit_weighted_loss, empty_tokens, gate_loss
 
@@ -164,7 +164,8 @@ def evaluate(params, graphdef, cfg, seqs, rng):
     rows.append({key: np.stack([t[key] for t in per_turn], 1) for key in per_turn[0]})  # [b,K]
   m = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
   result = {key: float(v.mean()) for key, v in m.items()}
-  for k in range(K):
-    result[f"success_turn{k + 1}"] = float(m["success"][:, k].mean())
-    result[f"identity_psnr_turn{k + 1}"] = float(m["identity_psnr"][:, k].mean())
+  # per turn: success_turn{k} with its Wilson interval, conditional success and all-correct share,
+  # identity/preserved PSNR with bootstrap intervals (eval/stats.py)
+  result.update(stats.turn_scalars(stats.summarize_turns(m["success"], m["identity_psnr"],
+                                                         m["preserved_psnr"])))
   return result
