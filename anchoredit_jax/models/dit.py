@@ -71,11 +71,17 @@ def output_channels(cfg, latent_channels: int) -> int:
 def pad_head(kernel, patch: int, out_ch: int):
   """A head kernel [d, (p q c)] (or bias [(p q c)]) over c output channels -> over out_ch, the
   added channels zero (the copy gate's logit: keep = sigmoid(GATE_OFFSET) at first)."""
-  xp = np if isinstance(kernel, np.ndarray) else jnp
-  lead = kernel.shape[:-1]
-  c = kernel.shape[-1] // (patch * patch)
-  k = kernel.reshape(lead + (patch, patch, c))
-  return xp.pad(k, [(0, 0)] * (len(lead) + 2) + [(0, out_ch - c)]).reshape(lead + (-1,))
+  return _pad_folded(kernel, -1, patch, out_ch)
+
+
+def _pad_folded(a, axis: int, patch: int, channels: int):
+  """Zero-pad the channels of a patch-folded axis (p q c) of `a` to `channels`; numpy stays numpy."""
+  xp = np if isinstance(a, np.ndarray) else jnp
+  axis %= a.ndim
+  c = a.shape[axis] // (patch * patch)
+  k = a.reshape(a.shape[:axis] + (patch, patch, c) + a.shape[axis + 1:])
+  pad = [(0, 0)] * (axis + 2) + [(0, channels - c)] + [(0, 0)] * (a.ndim - axis - 1)
+  return xp.pad(k, pad).reshape(a.shape[:axis] + (patch * patch * channels,) + a.shape[axis + 1:])
 
 
 def copy_gated(v, x_t, t, prev, logit):
@@ -91,10 +97,7 @@ def pad_patch_kernel(kernel, patch: int, in_ch: int):
   """A patch-embedding kernel [(p q c), d] over c input channels -> [(p q in_ch), d] with zero
   rows for the added channels, so the model computes exactly what it computed before. A numpy
   kernel (a checkpoint read on the host) stays numpy."""
-  xp = np if isinstance(kernel, np.ndarray) else jnp
-  c = kernel.shape[0] // (patch * patch)
-  k = kernel.reshape(patch, patch, c, kernel.shape[-1])
-  return xp.pad(k, ((0, 0), (0, 0), (0, in_ch - c), (0, 0))).reshape(patch * patch * in_ch, -1)
+  return _pad_folded(kernel, 0, patch, in_ch)
 
 
 class Block(nnx.Module):
