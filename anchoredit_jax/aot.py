@@ -28,6 +28,16 @@ import os
 import re
 import sys
 import time
+from importlib import metadata
+
+import jax
+import numpy as np
+from jax.experimental import topologies
+
+from anchoredit_jax import cli, flops, sharding as sh
+from anchoredit_jax.data import tokenize
+from anchoredit_jax.train import Trainer
+from configs.common import load_configs
 
 GIB = 2 ** 30
 
@@ -107,7 +117,6 @@ def parse_topology(text: str) -> Target:
 
 def tpu_devices(target: Target):
   """Compile-only devices of a TPU slice from libtpu, or (None, why not)."""
-  from jax.experimental import topologies
   for k, v in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                ("TPU_ACCELERATOR_TYPE", target.name)):
     os.environ.setdefault(k, v)  # no metadata server here; unset, libtpu logs an error per key
@@ -119,7 +128,6 @@ def tpu_devices(target: Target):
     devices = topologies.get_topology_desc(name, "tpu", **extra).devices
   except Exception as e:  # no libtpu, or one that cannot describe this slice
     return None, str(e).strip().splitlines()[0]
-  from importlib import metadata
   try:
     how = f"libtpu {metadata.version('libtpu')}"
   except metadata.PackageNotFoundError:
@@ -129,7 +137,6 @@ def tpu_devices(target: Target):
 
 def cpu_devices(n: int):
   """n CPU devices; their number is fixed when JAX first starts a backend."""
-  import jax
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:
@@ -141,35 +148,8 @@ def cpu_devices(n: int):
   return devices[:n]
 
 
-def load_configs(config_arg: str, overrides: list, stages: str):
-  """The --config and its overrides, read for each stage named in `stages` ('' = its own stage,
-  'all' = pretrain,causal,distill) from stage files beside it."""
-  from absl import flags
-  from ml_collections import config_flags
-  path, _, arg = config_arg.partition(":")
-  names = ["pretrain", "causal", "distill"] if stages == "all" else [s for s in stages.split(",") if s]
-  files = [os.path.join(os.path.dirname(path), f"{s}.py") for s in names] or [path]
-  out = []
-  for f in files:
-    if not os.path.exists(f):
-      raise ValueError(f"config file {f} does not exist")
-    argv = ["aot", f"--config={f}" + (f":{arg}" if arg else ""), *overrides]
-    fv = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
-    try:
-      fv(argv)
-    except flags.Error as e:  # the cause is on the message's last line
-      raise ValueError(f"--config: {str(e).strip().splitlines()[-1]}") from e
-    except (AttributeError, KeyError) as e:
-      raise ValueError(f"--config: an override names a field the config lacks: {e}") from e
-    out.append((f + (f":{arg}" if arg else ""), holder.value))
-  return out
-
-
 def abstract_batch(cfg, sharding):
   """Shapes of the global batch make_data yields for cfg (data/pipeline.py, make_dataset)."""
-  import jax
-  import numpy as np
   b, t, r, l = cfg.train.batch_size, cfg.data.num_turns, cfg.data.res, cfg.model.text_len
   spec = {"images": ((b, t + 1, r, r, 3), np.uint8), "tokens": ((b, t, l), np.int32),
           "ops": ((b, t), np.int32), "edit_masks": ((b, t, r, r), np.bool_),
@@ -178,7 +158,6 @@ def abstract_batch(cfg, sharding):
 
 
 def model_flops(cfg) -> float:
-  from anchoredit_jax import flops
   b = cfg.train.batch_size
   return {"pretrain": lambda: flops.pretrain_step(cfg.model, b, cfg.data.res),
           "causal": lambda: flops.causal_step(cfg, b),
@@ -187,11 +166,9 @@ def model_flops(cfg) -> float:
 
 @contextlib.contextmanager
 def tokenizer_stand_in():
-  """The train step bakes in the empty instruction's tokens (stages.pretrain.empty_tokens), which
+  """The train step bakes in the empty instruction's tokens (editing.empty_tokens), which
   for umT5 loads the checkpoint's tokenizer. Compiling needs only their shape and dtype, so any
   Hugging Face tokenizer is replaced here by [eos=1, pad=0, ...], what T5 tokenizers give for ""."""
-  import numpy as np
-  from anchoredit_jax.data import tokenize
   real = tokenize.tokenize_batch
 
   def stand_in(texts, max_len, tokenizer="bytes"):
@@ -210,9 +187,6 @@ def tokenizer_stand_in():
 
 def compile_stage(cfg, devices, mesh_override: dict) -> dict:
   """Lower and compile the stage's jitted train step for `devices`; memory and FLOPs."""
-  import jax
-  from anchoredit_jax import sharding as sh
-  from anchoredit_jax.train import Trainer
   for k, v in mesh_override.items():
     cfg.mesh[k] = v
   mesh = sh.make_mesh(dict(cfg.mesh), devices)
@@ -275,7 +249,7 @@ def report(r: dict, target: Target, hbm, peak, step_time) -> bool:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m anchoredit_jax.aot", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m anchoredit_jax.aot", description=cli.description(__doc__))
   p.add_argument("--config", required=True, help="configs/<stage>.py[:preset,...]; --config.x=v overrides")
   p.add_argument("--topology", required=True)
   p.add_argument("--stages", default="", help="pretrain,causal,distill or all (default: the config's)")
@@ -296,7 +270,6 @@ def main(argv=None) -> int:
         raise ValueError(f"--mesh {args.mesh!r}: give data=N,fsdp=N,tensor=N (one may be -1)")
       mesh[k] = int(v)
     configs = load_configs(args.config, rest, args.stages)
-    import jax
     try:
       jax.config.update("jax_platforms", "cpu")  # the target is described, never run, here
     except RuntimeError:

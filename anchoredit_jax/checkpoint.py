@@ -10,6 +10,12 @@ import os
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from anchoredit_jax import sharding as sh
+from anchoredit_jax.models.model import abstract_split
+from configs.common import model_config
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
@@ -20,7 +26,6 @@ def load_config(workdir) -> ml_collections.ConfigDict:
   with open(path) as f:
     cfg = json.load(f)
   # model fields added since the run was made take their preset default
-  from configs.common import model_config
   cfg["model"] = {**json.loads(model_config(cfg.get("preset", "toy")).to_json()), **cfg.get("model", {})}
   return ml_collections.ConfigDict(cfg)
 
@@ -47,10 +52,6 @@ def flat_params(params) -> dict:
 def load_reference(path):
   """(cfg, graphdef, params float32, step) of a reference checkpoint, every array checked
   against the model its config.json builds."""
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
-
-  from anchoredit_jax.models.model import abstract_split
   cfg = load_config(path)
   graphdef, abstract = abstract_split(cfg.model)
   file = os.path.join(path, REFERENCE_PARAMS)
@@ -78,11 +79,9 @@ def load_reference(path):
 
 def load_params(workdir, step=None, mesh=None):
   """(cfg, graphdef, params, step) of `step` (default: the newest) of the run in `workdir`, or of
-  the reference checkpoint there. A run restores straight onto `mesh` (any mesh or process count;
-  default: this process's first device)."""
-  from anchoredit_jax import sharding as sh
-  from anchoredit_jax.train import Trainer  # deferred: train imports the stages
-
+  the reference checkpoint there. A run's parameters restore straight onto `mesh` (any mesh or
+  process count; default: this process's first device), sharded by the run's own rules; the
+  rest of its saved state (optimizer, EMA, teacher) is not read."""
   if is_reference(workdir):
     return load_reference(workdir)
   cfg = load_config(workdir)
@@ -92,10 +91,13 @@ def load_params(workdir, step=None, mesh=None):
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints yet")
     mesh = mesh or sh.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
-    tr = Trainer(cfg, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          tr.abstract_state, tr.state_sh)
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    graphdef, abstract = abstract_split(cfg.model)
+    rules = tuple(tuple(r) for r in cfg.sharding.rules)
+    target = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     abstract, sh.param_shardings(abstract, mesh, rules))}
+    restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                     partial_restore=True)
+    state = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]
   finally:
     mngr.close()
-  return cfg, tr.graphdef, state["params"], step
+  return cfg, graphdef, state["params"], step

@@ -48,3 +48,9 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, *,
   jax.distributed.initialize(**kwargs, initialization_timeout=init_timeout,
                              heartbeat_timeout_seconds=heartbeat_timeout)
   return True
+
+
+def say(*args):
+  """print, from process 0 only (every process runs the same program)."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)

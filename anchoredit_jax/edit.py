@@ -1,6 +1,7 @@
-"""Edit an image turn by turn with a trained stage-2 or stage-3 run.
+"""Edit an image turn by turn with a stage-2 or stage-3 model: a training run, or one of the
+reference checkpoints shipped in checkpoints/ (checkpoints/toy/distill works in a fresh clone).
 
-  python -m anchoredit_jax.edit --checkpoint runs/toy/distill --image in.png \
+  python -m anchoredit_jax.edit --checkpoint checkpoints/toy/distill --image in.png \
       --instruction "make the red circle blue" --instruction "move the blue circle up" --out out/
 
 Writes to --out: turn_00.png (the source as the model sees it) and one PNG per turn, strip.png
@@ -18,8 +19,15 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+
+from anchoredit_jax import cli
+from anchoredit_jax.checkpoint import load_config
+from anchoredit_jax.data.tokenize import tokenize_for
+from anchoredit_jax.inference import EDIT_STAGES, EditSession, Sampler, default_sampler
 
 STRIP_CELL = 128  # pixels per turn in strip.png
 
@@ -55,8 +63,8 @@ def strip(images, captions):
 
 
 def parse(argv):
-  ap = argparse.ArgumentParser(description="Multi-turn image editing with a trained run.")
-  ap.add_argument("--checkpoint", required=True, help="run directory of a causal or distill run")
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
+  ap.add_argument("--checkpoint", required=True, help="a causal or distill run directory, or a reference checkpoint (e.g. checkpoints/toy/distill)")
   ap.add_argument("--image", required=True, help="source image (PNG/JPEG)")
   ap.add_argument("--instruction", action="append", required=True, help="one per turn, in order")
   ap.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
@@ -69,10 +77,6 @@ def parse(argv):
 
 
 def run(args):
-  from anchoredit_jax.checkpoint import load_config
-  from anchoredit_jax.data.tokenize import tokenize_for
-  from anchoredit_jax.inference import EDIT_STAGES, Sampler, default_sampler
-
   cfg = load_config(args.checkpoint)
   if cfg.get("stage") not in EDIT_STAGES:
     raise ValueError(f"{args.checkpoint} is a {cfg.get('stage')} run; edit needs a causal (stage 2) "
@@ -87,10 +91,6 @@ def run(args):
   if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
     raise ValueError(f"--out {args.out} exists and is not an empty directory; choose another")
 
-  import jax
-  from tqdm import tqdm
-
-  from anchoredit_jax.inference import EditSession
   sampler = default_sampler(cfg, args.steps)
   if args.teacher:
     sampler = Sampler("teacher", args.steps, args.guidance or cfg.eval.guidance, cfg.flow.shift)

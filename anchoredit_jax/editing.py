@@ -13,11 +13,23 @@ import jax
 import jax.numpy as jnp
 
 from anchoredit_jax import flow
+from anchoredit_jax.data.tokenize import tokenize_for
 
 
-def encode(model, tokens):
-  """Instruction tokens int32 [b,l] -> Text (embeddings [b,1,l,e], mask [b,1,l])."""
-  return model.encode_text(tokens[:, None])
+def empty_tokens(model_cfg):
+  """The empty instruction [text_len] (the unconditional input of classifier-free guidance)."""
+  return instruction_tokens(model_cfg, "")
+
+
+def instruction_tokens(model_cfg, text: str):
+  """One instruction's tokens [text_len]."""
+  return jnp.asarray(tokenize_for(model_cfg, [text])[0])
+
+
+def encode(model, tokens, store=None):
+  """Instruction tokens int32 [b,l] -> Text (embeddings [b,1,l,e], mask [b,1,l]); with `store`
+  (a frozen encoder's precomputed embeddings) looked up instead of encoded."""
+  return model.encode_text(tokens[:, None], store)
 
 
 def choose_text(pick, a, b):

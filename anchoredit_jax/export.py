@@ -16,6 +16,10 @@ import sys
 import tempfile
 
 import numpy as np
+from safetensors.numpy import save_file
+
+from anchoredit_jax import cli
+from anchoredit_jax.checkpoint import REFERENCE_PARAMS, flat_params, load_params
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -35,9 +39,6 @@ def read_provenance(run) -> list:
 
 def export(run, out, *, dtype="float16", log=None, provenance=None):
   """Write the reference checkpoint of `run` (newest step) to `out`; returns its meta dict."""
-  from safetensors.numpy import save_file
-
-  from anchoredit_jax.checkpoint import REFERENCE_PARAMS, flat_params, load_params
   cfg, _, params, step = load_params(run)
   arrays = {k: np.asarray(a) for k, a in flat_params(params).items()}
   cast = {k: a.astype(DTYPES[dtype]) for k, a in arrays.items()}
@@ -81,7 +82,7 @@ def export(run, out, *, dtype="float16", log=None, provenance=None):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--run", required=True, help="training run directory")
   ap.add_argument("--out", required=True, help="reference checkpoint directory (replaced)")
   ap.add_argument("--log", default=None, help="the run's console log (default: <run>.log if present)")

@@ -4,6 +4,8 @@ and to put a FLOP floor beside measured times. Attention is counted dense, as XL
 
 Letters: n tokens per turn, T turns computed, m memory tokens attended to, l text tokens.
 """
+from anchoredit_jax.models.dit import input_channels
+from anchoredit_jax.models.model import frozen_parts, latent_channels
 
 
 def text_forward(cfg, sequences: int) -> float:
@@ -22,7 +24,6 @@ def text_forward(cfg, sequences: int) -> float:
 def _text_backward(cfg, sequences: int) -> int:
   """Forward-equivalents a backward pass adds to `sequences` encodings: 2 each if the encoder
   trains, none if it is frozen (umT5: no gradient is computed)."""
-  from anchoredit_jax.models.model import frozen_parts
   return 0 if "text" in frozen_parts(cfg) else 2 * sequences
 
 
@@ -30,7 +31,6 @@ def dit_forward(cfg, *, n: int, turns: int = 1, memory: int = 0, latent_channels
   """One CausalDiT forward pass over `turns` turns of n tokens each (one batch element)."""
   d, f, l, p = cfg.dim, cfg.ffn_dim, cfg.text_len, cfg.patch
   N = turns * n
-  from anchoredit_jax.models.dit import input_channels
   in_ch = input_channels(cfg, latent_channels)
   self_attn = 2 * N * d * 4 * d + 2 * 2 * N * (N + memory) * d
   cross = 2 * N * d * 2 * d + 2 * turns * l * d * 2 * d + 2 * 2 * N * l * d
@@ -45,7 +45,6 @@ def dit_forward(cfg, *, n: int, turns: int = 1, memory: int = 0, latent_channels
 def pretrain_step(cfg, batch: int, res: int) -> float:
   """Stage-1 train step (forward + backward = 3 forwards) of `batch` single-turn examples; the
   VAE's encoding of the images is not counted."""
-  from anchoredit_jax.models.model import latent_channels
   n = (res // cfg.ae_factor // cfg.patch) ** 2
   turns = 2 if cfg.source_context else 1
   dit = dit_forward(cfg, n=n, turns=turns, latent_channels=latent_channels(cfg))
@@ -55,7 +54,6 @@ def pretrain_step(cfg, batch: int, res: int) -> float:
 def turn_forward(cfg, res: int, window: int) -> float:
   """One DiT call on one new turn reading an AnchorMemory of (window + 1) turns (computed dense,
   valid or not). The instruction is encoded once per turn and counted apart (text_forward)."""
-  from anchoredit_jax.models.model import latent_channels
   n = (res // cfg.ae_factor // cfg.patch) ** 2
   return dit_forward(cfg, n=n, memory=(window + 1) * n, latent_channels=latent_channels(cfg))
 

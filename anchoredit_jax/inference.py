@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from anchoredit_jax.data.tokenize import tokenize_for
-from anchoredit_jax.editing import encode, generate_turn, generate_turn_fast, write_turn
 from anchoredit_jax import flow
+from anchoredit_jax.checkpoint import load_params
+from anchoredit_jax.data.tokenize import tokenize_for
+from anchoredit_jax.editing import (concat_text, empty_tokens, encode, generate_turn, generate_turn_fast,
+                                    write_turn)
 from anchoredit_jax.models.model import init_memory, prev_cond
-from anchoredit_jax.stages.pretrain import empty_tokens
+from anchoredit_jax.stages.pretrain import velocity
 
 EDIT_STAGES = ("causal", "distill")
 
@@ -43,6 +45,30 @@ def default_sampler(cfg, teacher_steps: int = 50) -> Sampler:
   if cfg.stage == "distill":
     return Sampler("student", cfg.distill.student_steps, 1.0, cfg.flow.shift)
   return Sampler("teacher", teacher_steps, cfg.eval.guidance, cfg.flow.shift)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "guidance", "shift"))
+def sample_single(params, graphdef, src_images, tokens, rng, *, steps, guidance, shift):
+  """One edit of src_images uint8 [b,R,R,3] by tokens [b,l] as stage 1 learns it (no memory; the
+  source is the previous turn), Euler + CFG -> [b,R,R,3] in [0,1]."""
+  model = nnx.merge(graphdef, params)
+  ae = model.autoencoder
+  src = ae.encode(src_images)
+  text, uncond = encode(model, tokens), encode(model, jnp.broadcast_to(empty_tokens(model.cfg), tokens.shape))
+  empty = uncond if model.cfg.source_context else None
+
+  def velocity_fn(x, t, guided):
+    tb = jnp.full((x.shape[0],), t)
+    if not guided:
+      return velocity(model, src, x, tb, text, empty)
+    two = lambda a: jnp.concatenate([a, a], axis=0)
+    v = velocity(model, two(src), two(x), two(tb), concat_text(text, uncond),
+                 None if empty is None else concat_text(empty, empty))
+    return jnp.split(v, 2, axis=0)
+
+  x0 = flow.euler_sample(velocity_fn, jax.random.normal(rng, src.shape), steps=steps, shift=shift,
+                         guidance=guidance)
+  return ae.decode(x0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("mem",))
@@ -141,7 +167,6 @@ class EditSession:
 
   @classmethod
   def from_run(cls, workdir, source, **kw):
-    from anchoredit_jax.checkpoint import load_params
     try:
       cfg, graphdef, params, _ = load_params(workdir)
     except FileNotFoundError:

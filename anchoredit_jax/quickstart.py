@@ -17,7 +17,17 @@ import os
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from anchoredit_jax import cli
+from anchoredit_jax.checkpoint import load_config
+from anchoredit_jax.data import shapes
+from anchoredit_jax.edit import strip
+from anchoredit_jax.eval import metrics, multiturn as mt, report
+from anchoredit_jax.inference import EditSession
 
 STAGES = ("pretrain", "causal", "distill")
 MAIN, BASELINES = "i", ("ii", "iv", "v", "vi", "vii")
@@ -25,15 +35,6 @@ MAIN, BASELINES = "i", ("ii", "iv", "v", "vi", "vii")
 
 def session(weights, turns, seed, out):
   """A `turns`-turn session on held-out scene `seed`; writes session.png, returns per-turn rows."""
-  import jax.numpy as jnp
-  from PIL import Image
-
-  from anchoredit_jax.data import shapes
-  from anchoredit_jax.edit import strip
-  from anchoredit_jax.eval import metrics
-  from anchoredit_jax.inference import EditSession
-
-  from anchoredit_jax.checkpoint import load_config
   seq = shapes.make_sequence(seed, turns, load_config(weights).data.res, split="heldout")
   s = EditSession.from_run(weights, seq["images"][0])
   for text in seq["instructions"]:
@@ -65,7 +66,6 @@ def provenance_lines(weights_root):
 
 
 def write_report(out, rows, table, results, skipped, args, seconds, weights_root):
-  from anchoredit_jax.eval import report
   ok = sum(r["success"] for r in rows)
   lines = [
       "# anchoredit_jax quickstart", "",
@@ -101,7 +101,7 @@ def write_report(out, rows, table, results, skipped, args, seconds, weights_root
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--workdir", default="runs/quickstart")
   ap.add_argument("--weights", default="checkpoints/toy", help="reference checkpoints root")
   ap.add_argument("--turns", type=int, default=16)
@@ -116,9 +116,6 @@ def main(argv=None):
     print(f"error: no reference checkpoint for {missing} in {args.weights}; make them with "
           "`make reproduce` (trains the toy pipeline)", file=sys.stderr)
     sys.exit(2)
-  from tqdm import tqdm
-
-  from anchoredit_jax.eval import multiturn as mt, report
   t0 = time.time()
   os.makedirs(args.workdir, exist_ok=True)
   tqdm.write(f"1/3 a {args.turns}-turn editing session")

@@ -24,23 +24,19 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from anchoredit_jax import sharding as sh
+from anchoredit_jax import distributed, growth, sharding as sh
 from anchoredit_jax.checkpoint import is_reference, load_config
 from anchoredit_jax.data import pipeline, text_store
 from anchoredit_jax.data.tokenize import tokenizer_of
-from anchoredit_jax.models.dit import input_channels, output_channels, pad_head, pad_patch_kernel
-from anchoredit_jax.models.model import abstract_split, build, frozen_parts, latent_channels
+from anchoredit_jax.distributed import say
+from anchoredit_jax.eval import evaluators
+from anchoredit_jax.models.model import abstract_split, build, frozen_parts
 from anchoredit_jax.stages import causal, distill, pretrain
 
-# A stage module gives loss_fn(params, graphdef, batch, rng, cfg[, aux]) -> (loss, metrics) and
-# evaluate(); one with extra state (distill: frozen teacher, EMA) adds init_aux and update_aux.
+# A stage module gives loss_fn(params, graphdef, batch, rng, cfg[, aux], *, store) -> (loss,
+# metrics); one with extra state (distill: frozen teacher, EMA) adds init_aux and update_aux.
+# What the loop evaluates is chosen by the config (eval/evaluators.py).
 STAGES = {"pretrain": pretrain, "causal": causal, "distill": distill}
-
-
-def say(*args):
-  """print, from process 0 only (every process runs the same program)."""
-  if jax.process_index() == 0:
-    print(*args, flush=True)
 
 
 def make_optimizer(ocfg, total_steps, frozen=()):
@@ -146,8 +142,8 @@ class Trainer:
     rng = jax.random.fold_in(key, state["step"])
     aux = (state["aux"],) if "aux" in state else ()
     grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
-    with text_store.use(store):  # None: the text encoder runs as usual
-      (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux)
+    # store: the stored text embeddings, or None (the text encoder runs as usual)
+    (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux, store=store)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.tree.norm(grads)
     new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
@@ -236,28 +232,12 @@ class MetricLog:
       self.tb.close()
 
 
-# model fields that change how the model computes, not what its parameters are: a run may resume,
-# or a stage start from one, with other values of these (another attention kernel on another device)
-COMPUTE_ONLY = ("attention_kernel", "remat", "dtype")
-
-
-# model fields added after runs were already made, with the value those runs had without them
-ADDED_FIELDS = {"copy_gate": False, "rope_stride": 1}
-
-
-def parameter_fields(model_cfg) -> dict:
-  """The model config's fields that decide its parameters or what it has learned (all but
-  COMPUTE_ONLY), as plain JSON; fields a config predates get the value it ran with."""
-  fields = {**ADDED_FIELDS, **json.loads(model_cfg.to_json())}
-  return {k: v for k, v in fields.items() if k not in COMPUTE_ONLY}
-
-
 def _check_config(workdir, cfg):
   """Refuse to resume a workdir made by a model config with other parameters, or another stage."""
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     old = load_config(workdir)
-    if parameter_fields(old.model) != parameter_fields(cfg.model) or old.get("stage") != cfg.stage:
+    if growth.parameter_fields(old.model) != growth.parameter_fields(cfg.model) or old.get("stage") != cfg.stage:
       raise ValueError(f"{workdir} holds a run with a different model config or stage; "
                        "use a new --workdir or the same config")
   elif jax.process_index() == 0:
@@ -289,64 +269,6 @@ def record_provenance(workdir, start_step):
          "command": "python -m anchoredit_jax.train " + " ".join(sys.argv[1:]), **git_state()}
   with open(os.path.join(workdir, "provenance.jsonl"), "a") as f:
     f.write(json.dumps(row) + "\n")
-
-
-PREVIOUS_STAGE = {"causal": "pretrain", "distill": "causal"}
-
-
-def _load_init(cfg, mesh=None, rules=None):
-  """Parameters of the earlier stage's run named by cfg.init_from, checked against this model,
-  or of a Wan2.1 diffusers folder (stage 1 from the video prior)."""
-  from anchoredit_jax.checkpoint import has_model, load_params
-  from anchoredit_jax.convert import wan
-  src, prev = cfg.init_from, PREVIOUS_STAGE.get(cfg.stage, "pretrain")
-  if wan.is_wan_pipeline(src):
-    say(f"initialised from the Wan2.1 weights in {src}")
-    return wan.load_wan_pipeline(src, cfg.model, mesh=mesh, rules=rules)
-  if not has_model(src):
-    raise FileNotFoundError(
-        f"init_from={src} has no checkpoint; make it first with: python -m anchoredit_jax.train "
-        f"--config=configs/{prev}.py:{cfg.preset} --workdir={src}")
-  src_cfg, _, params, step = load_params(src, mesh=mesh)
-  if src_cfg.get("stage") != prev:
-    raise ValueError(f"init_from={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} starts "
-                     f"from a {prev} run")
-  src_model, our_model = parameter_fields(src_cfg.model), parameter_fields(cfg.model)
-  grown = [k for k, off in GROWABLE.items() if src_model[k] == off != our_model[k]]
-  if {**our_model, **{k: src_model[k] for k in grown + list(RETUNABLE)}} != src_model:
-    raise ValueError(f"init_from={src} was trained with another model config than this stage's")
-  for k in grown:
-    params = GROWABLE_BY[k](params, cfg.model)
-  say(f"initialised from {src} step {step}")
-  return params
-
-
-# model fields a stage may turn on over its init_from run: the new weights start at zero, so the
-# grown model computes what the earlier one did (e.g. stage 2 learning to use the anchor's latent
-# on top of a stage-1 run made without it; a copy gate over a run without one)
-GROWABLE = {"concat_anchor": False, "copy_gate": False}
-# model fields a stage may set otherwise than its init_from run: no parameters depend on them
-RETUNABLE = ("rope_stride",)
-
-
-def _grow_anchor(params, model_cfg):
-  kernel = params["dit"]["patch_embed"]["kernel"]
-  in_ch = input_channels(model_cfg, latent_channels(model_cfg))
-  say(f"patch embedding grown to {in_ch} input channels (zero weights for the anchor's latent)")
-  kernel.set_value(pad_patch_kernel(kernel.get_value(), model_cfg.patch, in_ch))
-  return params
-
-
-def _grow_gate(params, model_cfg):
-  head = params["dit"]["head"]
-  out_ch = output_channels(model_cfg, latent_channels(model_cfg))
-  say(f"output head grown to {out_ch} channels (a zero-initialised copy gate, nearly closed)")
-  for name in ("kernel", "bias"):
-    head[name].set_value(pad_head(head[name].get_value(), model_cfg.patch, out_ch))
-  return params
-
-
-GROWABLE_BY = {"concat_anchor": _grow_anchor, "copy_gate": _grow_gate}
 
 
 def _finished_summary(workdir, cfg, step):
@@ -381,7 +303,7 @@ def train(cfg, workdir):
     return done
   if start is None:
     if cfg.get("init_from"):
-      state = trainer.with_params(_load_init(cfg, trainer.mesh, trainer.rules))
+      state = trainer.with_params(growth.load_init(cfg, trainer.mesh, trainer.rules))
     else:
       state = trainer.init_state(jax.random.fold_in(key, 0))
     start = 0
@@ -413,10 +335,10 @@ def train(cfg, workdir):
     say(f"note: held-out evaluation is skipped with {jax.process_count()} processes; run the "
         "same command on one process to evaluate the checkpoint")
     pairs = None
-  eval_key = jax.random.key(cfg.eval.seed)
+  eval_key, evaluate = jax.random.key(cfg.eval.seed), evaluators.for_config(cfg)
 
   def run_eval(step):
-    res = trainer.stage.evaluate(state["params"], trainer.graphdef, cfg, pairs, eval_key)
+    res = evaluate(state["params"], trainer.graphdef, cfg, pairs, eval_key)
     log.write(step, "eval", {**res, "train_minutes": train_seconds / 60})
     return res
 
@@ -469,8 +391,8 @@ def train(cfg, workdir):
 
 
 def main():
-  # Flags are defined here, not at import: `checkpoint.load_params` imports this module while it
-  # may also be running as __main__, and absl refuses a flag defined twice.
+  # Flags are defined here, not at import: other commands and benchmarks import this module, and
+  # absl refuses a flag defined twice.
   config = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "Stage config file[:preset].")
   workdir = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir).")
   coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for "
@@ -483,7 +405,6 @@ def main():
   def run(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from anchoredit_jax import distributed
     try:
       distributed.initialize(coordinator.value, num_processes.value, process_id.value,
                              heartbeat_timeout=heartbeat.value)

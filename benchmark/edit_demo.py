@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from anchoredit_jax import cli
 from anchoredit_jax import edit
 from anchoredit_jax.data import shapes
 from anchoredit_jax.eval import metrics
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--checkpoint", default="runs/toy/distill")
   ap.add_argument("--turns", type=int, default=16)
   ap.add_argument("--seed", type=int, default=0, help="held-out sequence seed")

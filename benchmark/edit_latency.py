@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from anchoredit_jax import cli
 from anchoredit_jax import inference
 from anchoredit_jax.data.tokenize import tokenize
 from anchoredit_jax.inference import EditSession, Sampler, tree_bytes
@@ -77,7 +78,7 @@ def time_session(make, turns):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--checkpoint", default=None, help="a causal or distill run (default: random toy weights)")
   ap.add_argument("--turns", type=int, default=20)
   ap.add_argument("--sessions", type=int, default=5)

@@ -13,17 +13,20 @@ import sys
 
 import jax
 
+from anchoredit_jax import cli
+from anchoredit_jax.checkpoint import load_params
+from anchoredit_jax.eval import evaluators
+from anchoredit_jax.train import eval_pairs
+
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("workdir")
   ap.add_argument("--steps", default="20", help="comma-separated Euler step counts")
   ap.add_argument("--guidance", default="2.0", help="comma-separated CFG scales")
   ap.add_argument("--pairs", type=int, default=None, help="held-out pairs (default: the run's)")
   args = ap.parse_args(argv)
 
-  from anchoredit_jax.checkpoint import load_params
-  from anchoredit_jax.train import STAGES, eval_pairs
   try:
     cfg, graphdef, params, step = load_params(args.workdir)
     grid = [(int(s), float(g)) for s, g in itertools.product(args.steps.split(","),
@@ -40,7 +43,7 @@ def main(argv=None):
   print(f"{'steps':>5} {'cfg':>4} {'success':>8} {'preserved dB':>12} {'edit dB':>8}  per op")
   for n, g in grid:
     cfg.eval.steps, cfg.eval.guidance = n, g
-    r = STAGES["pretrain"].evaluate(params, graphdef, cfg, pairs, jax.random.key(cfg.eval.seed))
+    r = evaluators.single_turn(params, graphdef, cfg, pairs, jax.random.key(cfg.eval.seed))
     rows.append({"steps": n, "guidance": g, **r})
     ops = " ".join(f"{k[8:]}={v:.2f}" for k, v in r.items() if k.startswith("success_"))
     print(f"{n:>5} {g:>4} {r['success']:>8.3f} {r['preserved_psnr']:>12.2f} {r['edit_psnr']:>8.2f}  {ops}",

@@ -24,6 +24,7 @@ import time
 
 import jax
 
+from anchoredit_jax import cli
 from anchoredit_jax.eval import multiturn as mt, report
 
 
@@ -50,7 +51,7 @@ def train_missing(systems, runs, preset):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--systems", default=",".join(mt.SYSTEMS), help="comma-separated: i,ii,...,vii")
   ap.add_argument("--sequences", type=int, default=256, help="held-out sequences (system i)")
   ap.add_argument("--baseline-sequences", type=int, default=None,

@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from anchoredit_jax import cli
 from anchoredit_jax.models.layers import dot_sum
 from benchmark.speed import median_time, print_header
 
@@ -22,7 +23,7 @@ CASES = {"adaLN gradient (tokens)": ((32, 1, 64, 192), (2,)),
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--reps", type=int, default=200)
   args = ap.parse_args(argv)
   print_header("reductions", argv)

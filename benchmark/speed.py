@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from anchoredit_jax import cli
 from anchoredit_jax import flops, sharding as sh
 from anchoredit_jax.data.tokenize import tokenize
 from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn, tree_bytes
@@ -227,7 +228,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--presets", default="toy")
   ap.add_argument("--stages", default="pretrain,causal,distill")
   ap.add_argument("--turns", default="1,2,4,8,16,24,32", help="turns to time in the editing part")

@@ -20,6 +20,8 @@ import numpy as np
 
 from benchmark.speed import compiled_step, print_header, stage_config
 
+from anchoredit_jax import cli
+
 
 def apply(cfg, variant: str):
   """cfg with the overrides of `variant` ('model.remat=dots,train.batch_size=8') applied."""
@@ -56,7 +58,7 @@ def time_variants(stage, preset, variants, rounds):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("variants", nargs="*", help="override lists, e.g. model.remat=dots")
   ap.add_argument("--preset", default="toy")
   ap.add_argument("--stages", default="pretrain")

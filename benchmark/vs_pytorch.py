@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from anchoredit_jax import cli
 from anchoredit_jax.convert.wan import load_wan_dit, model_fields
 from anchoredit_jax.models.dit import CausalDiT
 from configs import common
@@ -61,7 +62,7 @@ def build_ours(path, config):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--dim", type=int, default=512, help="a multiple of 128 (Wan's head size)")
   ap.add_argument("--frames", type=int, default=2)

@@ -39,7 +39,8 @@ def get_config(arg=None):
   # ~1.5 s/step on the 2-core CPU: 800 steps is about 20 minutes (benchmark/RESULTS.md)
   c.train.update(batch_size=8, steps=800, minutes=0.0, eval_every=400)
   c.optim.update(lr=2e-4, warmup_steps=100, end_lr=2e-5)
-  c.eval.pairs = 64  # held-out sessions of num_turns edits, each turn from the model's own context
+  c.eval.update(evaluator="multi_turn", pairs=64)  # held-out sessions of num_turns edits, each
+  # turn from the model's own context
   if p == "smoke":
     c.data.num_turns = 3
     c.causal.update(window=1, rollout_steps=2)

@@ -1,12 +1,18 @@
-"""Shared config pieces: model presets, mesh, sharding rules, argument parsing.
+"""Shared config pieces: model presets, mesh, sharding rules, argument parsing, and reading a
+config file with its overrides outside a command's own flags (`load_configs`).
 
 Presets are chosen with `--config=configs/<stage>.py:<preset>[,key=value...]`, single fields with
 `--config.field=value` (ml_collections), e.g.
   python -m anchoredit_jax.train --config=configs/pretrain.py:smoke --config.train.steps=20
 """
+import os
+
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from anchoredit_jax import sharding
+from anchoredit_jax.convert.wan import model_config_from_dir
 
 PRESETS = ("smoke", "toy", "small", "wan1.3b", "wan14b")
 WAN_PRESETS = ("wan1.3b", "wan14b")
@@ -82,7 +88,6 @@ def wan_stage(get_config, arg):
   if not a.dir:
     raise ValueError("give the Wan2.1 diffusers folder: --config=configs/wan/<stage>.py:wan1.3b,"
                      "dir=/path/to/Wan2.1-T2V-1.3B-Diffusers")
-  from anchoredit_jax.convert.wan import model_config_from_dir
   c = get_config(a.preset)
   c.model.update(model_config_from_dir(a.dir))
   if c.stage == "pretrain":
@@ -91,3 +96,26 @@ def wan_stage(get_config, arg):
     if k not in ("preset", "dir"):
       c[k] = v
   return c
+
+
+def load_configs(config_arg: str, overrides: list, stages: str):
+  """The --config and its overrides, read for each stage named in `stages` ('' = its own stage,
+  'all' = pretrain,causal,distill) from stage files beside it."""
+  path, _, arg = config_arg.partition(":")
+  names = ["pretrain", "causal", "distill"] if stages == "all" else [s for s in stages.split(",") if s]
+  files = [os.path.join(os.path.dirname(path), f"{s}.py") for s in names] or [path]
+  out = []
+  for f in files:
+    if not os.path.exists(f):
+      raise ValueError(f"config file {f} does not exist")
+    argv = ["aot", f"--config={f}" + (f":{arg}" if arg else ""), *overrides]
+    fv = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+    try:
+      fv(argv)
+    except flags.Error as e:  # the cause is on the message's last line
+      raise ValueError(f"--config: {str(e).strip().splitlines()[-1]}") from e
+    except (AttributeError, KeyError) as e:
+      raise ValueError(f"--config: an override names a field the config lacks: {e}") from e
+    out.append((f + (f":{arg}" if arg else ""), holder.value))
+  return out

@@ -37,8 +37,9 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, steps=9000, minutes=60.0, log_every=50, ckpt_every=500, eval_every=750,
       keep_checkpoints=2))
+  # evaluator: what the loop measures (anchoredit_jax/eval/evaluators.py)
   c.eval = ml_collections.ConfigDict(dict(
-      pairs=256, batch_size=64, steps=20, guidance=2.0, shift=3.0, seed=0))
+      evaluator="single_turn", pairs=256, batch_size=64, steps=20, guidance=2.0, shift=3.0, seed=0))
   c.mesh = common.mesh_config(p)
   c.sharding = ml_collections.ConfigDict(dict(rules=common.sharding_rules()))
 

@@ -13,7 +13,7 @@ from anchoredit_jax.checkpoint import load_params
 from anchoredit_jax.models import dit
 from anchoredit_jax.models.model import build, prev_cond
 from anchoredit_jax.stages import causal, pretrain
-from anchoredit_jax.train import _load_init
+from anchoredit_jax.growth import load_init
 from configs import causal as causal_config
 from tests.helpers import random_model, smoke_config, tiny_model
 from tests.test_causal import _setup
@@ -193,7 +193,7 @@ def test_gated_stage_2_grows_from_the_shipped_stage_1_and_learns_its_gate():
   cfg = causal_config.get_config("toy")
   cfg.init_from = src
   cfg.model.update(copy_gate=True, rope_stride=4)  # the stride needs no parameters: it may change
-  params = _load_init(cfg)
+  params = load_init(cfg)
   assert params["dit"]["head"]["kernel"].shape[-1] == 4 * 4 * 4
   np.testing.assert_array_equal(dit.pad_head(np.asarray(old_params["dit"]["head"]["bias"].get_value()), 4, 4),
                                 params["dit"]["head"]["bias"].get_value())

@@ -10,7 +10,7 @@ from flax import nnx
 from anchoredit_jax.checkpoint import load_params
 from anchoredit_jax.data import pipeline
 from anchoredit_jax.models.model import build, prev_cond
-from anchoredit_jax.train import _load_init
+from anchoredit_jax.growth import load_init
 from anchoredit_jax.stages import causal
 from configs import causal as causal_config
 
@@ -76,7 +76,7 @@ def test_stage_2_can_add_the_anchor_latent_to_a_stage_1_run_without_it():
   cfg = causal_config.get_config("toy")
   cfg.init_from = src
   cfg.model.concat_anchor = True
-  params = _load_init(cfg)
+  params = load_init(cfg)
   graphdef = nnx.graphdef(build(cfg.model, nnx.Rngs(0)))
   k = jax.random.key(0)
   x = jax.random.uniform(jax.random.fold_in(k, 0), (2, 3, 32, 32, 3))
@@ -91,11 +91,11 @@ def test_stage_2_can_add_the_anchor_latent_to_a_stage_1_run_without_it():
   assert nnx.state(build(cfg.model, nnx.Rngs(0))).dit.patch_embed.kernel.shape == params.dit.patch_embed.kernel.shape
   cfg.model.concat_anchor, cfg.model.concat_prev = False, False
   with pytest.raises(ValueError, match="another model config"):
-    _load_init(cfg)
+    load_init(cfg)
   cfg.model.concat_anchor = True  # the anchor's channels extend the previous turn's condition
   with pytest.raises(ValueError, match="needs model.concat_prev=True"):
     build(cfg.model, nnx.Rngs(0))
   # how the stage computes may differ from its init_from run's: the parameters are the same
   cfg.model.update(concat_prev=True, remat="dots", attention_kernel="splash", dtype="bfloat16")
-  grown = _load_init(cfg)
+  grown = load_init(cfg)
   assert jax.tree.structure(grown) == jax.tree.structure(params)

@@ -1,8 +1,11 @@
 """ShapesEdit data: generator invariants, exact masks, grain pipeline and the TFDS builder."""
+import shlex
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from anchoredit_jax.data import pipeline, shapes
+from anchoredit_jax.data import pipeline, preview, shapes
 from anchoredit_jax.data.shapes import Edit
 
 
@@ -261,3 +264,14 @@ def test_global_batches_do_not_depend_on_the_process_count():
     np.testing.assert_array_equal(whole["images"], np.concatenate([h["images"] for h in halves]))
   with pytest.raises(ValueError, match="process_index"):
     pipeline.make_dataset(batch_size=4, process_index=2, process_count=2, **kw)
+
+
+def test_preview_writes_a_heldout_source_png_and_its_edit_command(tmp_path):
+  out = tmp_path / "in.png"
+  cmd = preview.source_png(str(out), seed=3, turns=4, res=32)
+  seq = shapes.make_sequence(3, 4, 32, split="heldout")
+  np.testing.assert_array_equal(np.asarray(Image.open(out)), seq["images"][0])
+  words = shlex.split(cmd)
+  assert words[:3] == ["python", "-m", "anchoredit_jax.edit"]
+  assert [words[i + 1] for i, w in enumerate(words) if w == "--instruction"] == seq["instructions"]
+  assert words[words.index("--image") + 1] == str(out)

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from anchoredit_jax import flow
+from anchoredit_jax.eval import evaluators
 from anchoredit_jax.models.dit import CausalDiT
-from anchoredit_jax.stages import pretrain
 from anchoredit_jax.train import Trainer, eval_pairs, make_data
 from configs import common
 from tests.helpers import one_device_mesh, smoke_config
@@ -32,7 +32,7 @@ def test_smoke_model_beats_copying_the_source_on_edited_region():
     state, m = tr.step(state, next(it), jax.random.key(0))
     losses.append(float(m["loss"]))
   assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])
-  res = pretrain.evaluate(state["params"], tr.graphdef, cfg, eval_pairs(cfg), jax.random.key(1))
+  res = evaluators.single_turn(state["params"], tr.graphdef, cfg, eval_pairs(cfg), jax.random.key(1))
   assert res["edit_mae"] < res["copy_edit_mae"], res
   assert res["edit_psnr"] > res["copy_edit_psnr"], res
 

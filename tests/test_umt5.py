@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 from anchoredit_jax.models.text import TextEncoder  # noqa: E402
 from tests.helpers import word_tokenizer  # noqa: E402
 from anchoredit_jax.models.umt5 import (  # noqa: E402
-    load_tokenizer, load_umt5, precompute_text_embeddings, relative_position_buckets, tokenize)
+    load_umt5, precompute_text_embeddings, relative_position_buckets)
+from anchoredit_jax.data.tokenize import load_tokenizer, tokenize_hf as tokenize  # noqa: E402
 
 TINY = dict(vocab_size=300, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
             relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)

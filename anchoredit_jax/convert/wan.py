@@ -17,6 +17,7 @@ swaps Wan's norm names (its `norm2` is the affine cross-attention norm that Wan 
 An editing model that also takes the previous turn (`concat_prev`) gets zero kernels for those
 extra input channels, so at load it computes exactly what the video model computes.
 """
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from flax import nnx
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.convert.tensors import open_checkpoint
 from anchoredit_jax.models.dit import CausalDiT, pad_patch_kernel
+from anchoredit_jax.models.model import abstract_split, config_kwargs, latent_channels
+from anchoredit_jax.models.umt5 import _config_kwargs, load_umt5
+from anchoredit_jax.models.wan_vae import WanVAEConfig, load_wan_vae, read_config
 
 PREFIXES = ("", "model.diffusion_model.", "diffusion_model.", "model.")
 IGNORED = ("norm_added_q",)  # an unused parameter of some diffusers Wan checkpoints
@@ -217,9 +221,6 @@ def _pipeline_dir(path) -> Path:
 def model_config_from_dir(path) -> dict:
   """Model-config fields (DiT sizes, umT5 and VAE architecture, tokenizer folder) of a Wan2.1
   diffusers folder, so a config follows whatever size of Wan it is pointed at."""
-  import dataclasses
-  from anchoredit_jax.models.umt5 import _config_kwargs
-  from anchoredit_jax.models.wan_vae import read_config
   path = _pipeline_dir(path)
   fields = model_fields(json.loads((path / PARTS[0]).read_text()))
   umt5 = _config_kwargs(json.loads((path / PARTS[1]).read_text()), {}, path / "text_encoder")
@@ -236,9 +237,6 @@ def model_config_from_dir(path) -> dict:
 def load_wan_pipeline(path, model_cfg, *, mesh=None, rules=None) -> nnx.State:
   """EditModel parameters from a Wan2.1 diffusers folder: the DiT loaded sharded (see
   load_wan_dit), umT5 and the VAE whole on each process (they stay frozen in training)."""
-  from anchoredit_jax.models.model import abstract_split, config_kwargs, latent_channels
-  from anchoredit_jax.models.umt5 import load_umt5
-  from anchoredit_jax.models.wan_vae import WanVAEConfig, load_wan_vae
   path = _pipeline_dir(path)
   if model_cfg.text_encoder != "umt5" or model_cfg.autoencoder != "wan_vae":
     raise ValueError("this model config has no umT5 / Wan VAE; build it from the folder "

@@ -4,17 +4,26 @@ degradation (anchoredit_jax/degrade.py) does to context turns instead.
 
   python -m anchoredit_jax.data.preview --out docs/shapesedit.png --turns 6 --res 128
   python -m anchoredit_jax.data.preview --degradation --out docs/degradation.png --res 32
+  python -m anchoredit_jax.data.preview --source --seed 3 --res 32 --out in.png
+
+With --source, one held-out sequence's source image is written as a PNG (an input for
+`anchoredit_jax.edit`) and its instructions are printed as --instruction arguments.
 """
 import argparse
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import matplotlib
 import numpy as np
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from anchoredit_jax import cli, degrade  # noqa: E402
 from anchoredit_jax.data import shapes  # noqa: E402
+from anchoredit_jax.models.autoencoder import PixelAutoencoder  # noqa: E402
 
 
 def contact_sheet(out, seeds=(0, 1, 2), turns=6, res=128, split="train", background="procedural"):
@@ -38,11 +47,6 @@ def contact_sheet(out, seeds=(0, 1, 2), turns=6, res=128, split="train", backgro
 def degradation_sheet(out, seeds=(0, 1, 2), res=32, draws=3):
   """Per sequence two rows: a context turn clean, with each kind alone at full strength, and
   `draws` samples of the default mix (what training writes); below each, |change| x 5."""
-  import jax
-  import jax.numpy as jnp
-
-  from anchoredit_jax import degrade
-  from anchoredit_jax.models.autoencoder import PixelAutoencoder
   ae = PixelAutoencoder(1)
   cols = [("clean", None)] + [(k, k) for k in degrade.KINDS] + [(f"mix {i + 1}", "mix") for i in range(draws)]
   fig, axes = plt.subplots(2 * len(seeds), len(cols), figsize=(1.45 * len(cols), 1.6 * 2 * len(seeds)))
@@ -65,15 +69,28 @@ def degradation_sheet(out, seeds=(0, 1, 2), res=32, draws=3):
   return out
 
 
+def source_png(out, seed=0, turns=6, res=32, background="procedural"):
+  """Held-out sequence `seed`'s source image -> PNG at `out`; returns the edit command for it."""
+  seq = shapes.make_sequence(seed, turns, res, split="heldout", background=background)
+  Image.fromarray(seq["images"][0]).save(out)
+  flags = " ".join(f'--instruction "{t}"' for t in seq["instructions"])
+  return f"python -m anchoredit_jax.edit --checkpoint checkpoints/toy/distill --image {out} {flags} --out edits/"
+
+
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--out", required=True)
   ap.add_argument("--turns", type=int, default=6)
   ap.add_argument("--res", type=int, default=128)
   ap.add_argument("--background", default="procedural", choices=shapes.BACKGROUNDS)
   ap.add_argument("--degradation", action="store_true", help="history degradation, not sequences")
+  ap.add_argument("--source", action="store_true",
+                  help="write one held-out source image (--seed) as a PNG and print its instructions")
+  ap.add_argument("--seed", type=int, default=0, help="held-out sequence for --source")
   args = ap.parse_args(argv)
-  if args.degradation:
+  if args.source:
+    print(source_png(args.out, args.seed, args.turns, args.res, args.background))
+  elif args.degradation:
     print(degradation_sheet(args.out, res=args.res))
   else:
     print(contact_sheet(args.out, turns=args.turns, res=args.res, background=args.background))

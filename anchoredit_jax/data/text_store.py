@@ -13,20 +13,29 @@ float16, mask [n,L] bool, tail_emb [l-L,d], tail_mask [l-L]: positions past L ar
 every row -- zeros for umT5 -- and kept once) and meta.json.
 Letters: n stored instructions, l text_len, L stored positions, d text_dim.
 """
-import contextlib
-import contextvars
+import argparse
 import itertools
 import json
 import os
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
 
+from anchoredit_jax import cli, growth
 from anchoredit_jax.data import shapes
+from anchoredit_jax.data.tokenize import tokenize_for, tokenizer_of
+from anchoredit_jax.models.model import abstract_split, frozen_parts
+from anchoredit_jax.models.umt5 import precompute_text_embeddings
+from configs.common import load_configs
+from anchoredit_jax.models.text import lookup, row_hash  # noqa: F401  (the store's own lookup)
 
 FILE, META = "embeddings.safetensors", "meta.json"
-_CURRENT = contextvars.ContextVar("text_store", default=None)
 
 
 class _Pick:
@@ -54,12 +63,6 @@ def all_instructions() -> list:
   return [""] + sorted({shapes.describe(e, _Pick(i)) for e in edits for i in range(most)})
 
 
-def row_hash(tokens, weights, xp=jnp):
-  """A uint32 hash of each token row [..., l] (numpy with xp=np: the host computes the same)."""
-  t = tokens.astype(xp.uint32) + xp.uint32(1)
-  return xp.sum(t * weights.astype(xp.uint32), axis=-1, dtype=xp.uint32)
-
-
 def _weights(seed, l):
   return np.random.default_rng(seed).integers(1, 2 ** 32, l, dtype=np.uint64).astype(np.uint32) | 1
 
@@ -67,8 +70,6 @@ def _weights(seed, l):
 def build(model, model_cfg, instructions=None, *, chunk=256, progress=None):
   """Arrays of a store for `model` (an EditModel with a frozen umT5): its encoder run over every
   instruction once, in chunks, kept in float16 and trimmed to the positions that differ."""
-  from anchoredit_jax.data.tokenize import tokenize_for
-  from anchoredit_jax.models.umt5 import precompute_text_embeddings
   instructions = all_instructions() if instructions is None else list(instructions)
   tokens = tokenize_for(model_cfg, instructions)
   if len({r.tobytes() for r in tokens}) != len(tokens):
@@ -99,7 +100,6 @@ def build(model, model_cfg, instructions=None, *, chunk=256, progress=None):
 
 
 def _fingerprint(model_cfg) -> dict:
-  from anchoredit_jax.data.tokenize import tokenizer_of
   return {"text_encoder": model_cfg.text_encoder, "text_len": model_cfg.text_len,
           "text_dim": model_cfg.text_dim, "tokenizer": tokenizer_of(model_cfg),
           "umt5": json.loads(model_cfg.umt5.to_json()) if "umt5" in model_cfg else None}
@@ -108,9 +108,7 @@ def _fingerprint(model_cfg) -> dict:
 def save(out, arrays, instructions, model_cfg, **meta):
   """Writes the store into `out` + ".partial", then puts it in place of `out`: an interrupted
   build leaves no half-written store."""
-  import shutil
 
-  from safetensors.numpy import save_file
   out = os.fspath(out).rstrip("/")
   check_out(out)
   tmp = out + ".partial"
@@ -126,7 +124,6 @@ def save(out, arrays, instructions, model_cfg, **meta):
 
 def check_frozen(model_cfg):
   """Only a frozen encoder's output can be stored: a trainable one changes every step."""
-  from anchoredit_jax.models.model import frozen_parts
   if "text" not in frozen_parts(model_cfg):
     raise ValueError(f"model.text_encoder={model_cfg.text_encoder!r} trains with the DiT; only a "
                      "frozen encoder (umt5) can have its embeddings stored")
@@ -142,7 +139,6 @@ def check_out(out):
 
 def load(path, model_cfg) -> dict:
   """The store's arrays, after checking it was made for this model's text encoder."""
-  from safetensors.numpy import load_file
   if not os.path.exists(os.path.join(path, FILE)):
     raise FileNotFoundError(f"data.text_store={path} holds no {FILE}; make it with: python -m "
                             f"anchoredit_jax.data.text_store --config=<the same config> --out={path}")
@@ -164,38 +160,9 @@ def missing(store, tokens) -> np.ndarray:
   return np.any(store["tokens"][i] != tokens, axis=-1)
 
 
-def lookup(store, tokens):
-  """tokens [..., l] -> (embeddings [..., l, d] float32, mask [..., l]), as the encoder gives
-  them (to float16 rounding). Rows not in the store get some other row's: check with `missing`."""
-  store = {k: jnp.asarray(v) for k, v in store.items()}
-  i = jnp.clip(jnp.searchsorted(store["keys"], row_hash(tokens, store["weights"])), 0,
-               store["keys"].shape[0] - 1)
-  emb, mask = store["emb"][i].astype(jnp.float32), store["mask"][i]
-  lead = tokens.shape[:-1]
-  tail_e = jnp.broadcast_to(store["tail_emb"].astype(jnp.float32), lead + store["tail_emb"].shape)
-  tail_m = jnp.broadcast_to(store["tail_mask"], lead + store["tail_mask"].shape)
-  return jnp.concatenate([emb, tail_e], -2), jnp.concatenate([mask, tail_m], -1)
-
-
-@contextlib.contextmanager
-def use(store):
-  """Inside: EditModel.encode_text looks instructions up in `store` (device arrays) instead of
-  running its encoder. Used while tracing a train step."""
-  token = _CURRENT.set(store)
-  try:
-    yield
-  finally:
-    _CURRENT.reset(token)
-
-
-def current():
-  return _CURRENT.get()
-
-
 def check_against(graphdef, params, store, rows=4, atol=None):
   """Runs the model's own encoder on a few stored instructions and compares: a store built from
   other encoder weights stops training here, in one line."""
-  from flax import nnx
   idx = np.linspace(0, len(store["keys"]) - 1, rows).astype(int)
   tokens = jnp.asarray(store["tokens"][idx])
   emb, mask = jax.jit(lambda p: nnx.merge(graphdef, p).encode_text(tokens))(params)
@@ -209,25 +176,16 @@ def check_against(graphdef, params, store, rows=4, atol=None):
 
 
 def main(argv=None):
-  import argparse
-  import sys
-
-  from tqdm import tqdm
-
-  from anchoredit_jax.models.model import abstract_split
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--config", required=True, help="the training config, e.g. "
                   "configs/wan/pretrain.py:wan1.3b,dir=WAN; its init_from gives the encoder weights")
   ap.add_argument("--out", required=True)
   args, overrides = ap.parse_known_args(argv)
-  from anchoredit_jax.aot import load_configs
-  from anchoredit_jax.train import _load_init
   try:
     check_out(args.out)  # before the encoder runs
     cfg = load_configs(args.config, overrides, "")[0][1]
     check_frozen(cfg.model)
-    from flax import nnx
-    model = nnx.merge(abstract_split(cfg.model)[0], _load_init(cfg))
+    model = nnx.merge(abstract_split(cfg.model)[0], growth.load_init(cfg))
     n = len(all_instructions())
     with tqdm(total=n, desc="text store", unit="instr") as bar:
       arrays, instructions = build(model, cfg.model, progress=bar.update)

@@ -5,10 +5,12 @@ Byte token ids: 0 = pad, 1 = begin, 2 = end, 3 + byte for each UTF-8 byte. An em
 [begin, end] (the unconditional input used for classifier-free guidance), so no row is all padding.
 """
 import functools
+import os
 
 import numpy as np
 
 PAD, BOS, EOS, BYTE_OFFSET = 0, 1, 2, 3
+PAD_ID = 0  # T5 tokenizers (umT5) pad with id 0
 VOCAB_SIZE = 256 + BYTE_OFFSET
 
 
@@ -33,8 +35,7 @@ def tokenize_batch(texts, max_len: int, tokenizer: str = "bytes") -> np.ndarray:
     return np.zeros((0, max_len), np.int32)
   if tokenizer == "bytes":
     return np.stack([tokenize(t, max_len) for t in texts])
-  from anchoredit_jax.models import umt5
-  return umt5.tokenize(_hf_tokenizer(tokenizer), list(texts), max_len)
+  return tokenize_hf(_hf_tokenizer(tokenizer), list(texts), max_len)
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,8 +43,7 @@ def _hf_tokenizer(path: str):
   if not path:
     raise ValueError("model.tokenizer is empty: a umT5 model needs its tokenizer folder; use "
                      "configs/wan/<stage>.py with dir=<Wan2.1 diffusers folder>")
-  from anchoredit_jax.models import umt5
-  return umt5.load_tokenizer(path)
+  return load_tokenizer(path)
 
 
 def tokenizer_of(model_cfg) -> str:
@@ -59,3 +59,27 @@ def tokenize_for(model_cfg, texts) -> np.ndarray:
 def detokenize(ids) -> str:
   ids = [int(i) for i in np.asarray(ids)]
   return bytes(i - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(path):
+  """The Hugging Face tokenizer saved in directory `path` (never fetched from the hub)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory {path} not found; pass the local folder holding "
+                            "tokenizer.json / spiece.model (a checkpoint's tokenizer/)")
+  from transformers import AutoTokenizer  # heavy, and only umT5 models need it
+  try:
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError, TypeError) as e:
+    raise ValueError(f"{path} holds no loadable tokenizer ({str(e).splitlines()[0][:120]}); save "
+                     "one there with tokenizer.save_pretrained") from e
+
+
+def tokenize_hf(tokenizer, texts, max_len, pad_id=PAD_ID) -> np.ndarray:
+  """int32 [n, max_len] ids (eos appended, truncated, padded with `pad_id`) of `texts`."""
+  if tokenizer.pad_token_id != pad_id:
+    # the encoder's mask is tokens != pad_id: another pad id would make padding attendable
+    raise ValueError(f"tokenizer pads with id {tokenizer.pad_token_id}, the encoder masks id "
+                     f"{pad_id}; use the tokenizer that belongs to the checkpoint")
+  ids = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
+                  return_tensors="np")["input_ids"]
+  return ids.astype(np.int32)

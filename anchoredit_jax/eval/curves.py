@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from anchoredit_jax import cli  # noqa: E402
+
 
 def read_evals(workdir):
   path = os.path.join(workdir, "metrics.jsonl")
@@ -49,7 +51,7 @@ def plot(evals, out, title):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("workdir")
   ap.add_argument("--out", default=None, help="PNG path (default: <workdir>/curves.png)")
   args = ap.parse_args(argv)

@@ -26,10 +26,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from anchoredit_jax import inference
+from anchoredit_jax.checkpoint import has_model, load_config, load_params
 from anchoredit_jax.data import pipeline
+from anchoredit_jax.editing import empty_tokens
 from anchoredit_jax.eval import metrics, stats
+from anchoredit_jax.models.model import init_memory, make_autoencoder
 
 CONTEXTS = ("own", "oracle", "both")
 
@@ -100,7 +104,6 @@ class _Memory:
     self.window = turns + 1 if system.full_cache else cfg.causal.window
 
   def start(self, source):
-    from anchoredit_jax.models.model import init_memory
     mem = init_memory(self.cfg.model, source.shape[0], source.shape[1], self.window,
                       use_anchor=self.system.anchor)
     return inference.start_memory(*self.args, mem, jnp.asarray(source))
@@ -125,9 +128,9 @@ class _Single:
     return jnp.asarray(source)
 
   def turn(self, prev, tokens, rng):
-    from anchoredit_jax.stages.pretrain import sample
-    out = jnp.clip(sample(*self.args, prev, jnp.asarray(tokens), rng, steps=self.e.steps,
-                          guidance=self.e.guidance, shift=self.e.shift), 0.0, 1.0)
+    out = inference.sample_single(*self.args, prev, jnp.asarray(tokens), rng, steps=self.e.steps,
+                                  guidance=self.e.guidance, shift=self.e.shift)
+    out = jnp.clip(out, 0.0, 1.0)
     return out, jnp.round(out * 255.0).astype(jnp.uint8)  # saved and reloaded, as users do
 
   def oracle_turn(self, prev, tokens, rng, image):
@@ -138,12 +141,10 @@ class _Bidir:
   """System vii: no memory; the whole history (clean latents, instructions) re-run each turn."""
 
   def __init__(self, cfg, graphdef, params):
-    from anchoredit_jax.models.model import make_autoencoder
     self.args, self.cfg, self.compiled = (params, graphdef), cfg, {}
     self.ae = make_autoencoder(cfg.model)
 
   def start(self, source):
-    from anchoredit_jax.stages.pretrain import empty_tokens
     b = source.shape[0]
     empty = jnp.broadcast_to(empty_tokens(self.cfg.model), (b, 1, self.cfg.model.text_len))
     return self.ae.encode(jnp.asarray(source))[:, None], empty
@@ -178,7 +179,6 @@ class _Bidir:
 
 
 def make_runner(system, weights_dir, *, teacher_steps=50, turns=16):
-  from anchoredit_jax.checkpoint import load_params
   cfg, graphdef, params, _ = load_params(weights_dir)
   if system.kind == "single":
     return _Single(cfg, graphdef, params)
@@ -242,7 +242,6 @@ def describe(m, seed=0) -> dict:
 
 def find_weights(systems, roots):
   """({name: weights dir}, {name: why skipped}): each system's stage directory, first root first."""
-  from anchoredit_jax.checkpoint import has_model
   found, skipped = {}, {}
   for name in systems:
     sys_ = SYSTEMS[name]
@@ -264,9 +263,6 @@ def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context=
   up in each of `roots` in order (reference checkpoints first, then runs). context: own | oracle |
   both (own first; the oracle run's results go under "oracle", with the per-sequence identity gap
   own - oracle). Returns (results, seqs, trajectories of the first context, skipped {name: why})."""
-  from tqdm import tqdm
-
-  from anchoredit_jax.checkpoint import load_config
   if context not in CONTEXTS:
     raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
   found, skipped = find_weights(systems, roots)

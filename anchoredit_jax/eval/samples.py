@@ -12,11 +12,12 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from anchoredit_jax import cli  # noqa: E402
 from anchoredit_jax.checkpoint import load_params  # noqa: E402
 from anchoredit_jax.data import pipeline  # noqa: E402
 from anchoredit_jax.data.tokenize import detokenize  # noqa: E402
 from anchoredit_jax.eval import metrics  # noqa: E402
-from anchoredit_jax.stages import pretrain  # noqa: E402
+from anchoredit_jax.inference import sample_single  # noqa: E402
 
 
 def sample_grid(workdir, out, n=12, seed=0):
@@ -27,8 +28,8 @@ def sample_grid(workdir, out, n=12, seed=0):
           for i in range(n)]
   imgs = np.stack([r["images"] for r in rows])
   toks = np.stack([r["tokens"][0] for r in rows])
-  pred = pretrain.sample(params, graphdef, imgs[:, 0], toks, jax.random.key(seed),
-                         steps=cfg.eval.steps, guidance=cfg.eval.guidance, shift=cfg.eval.shift)
+  pred = sample_single(params, graphdef, imgs[:, 0], toks, jax.random.key(seed),
+                       steps=cfg.eval.steps, guidance=cfg.eval.guidance, shift=cfg.eval.shift)
   target = imgs[:, 1].astype(np.float32) / 255.0
   ok = np.asarray(metrics.edit_metrics(pred, target, np.stack([r["edit_masks"][0] for r in rows]))["success"])
   cols = 4
@@ -50,7 +51,7 @@ def sample_grid(workdir, out, n=12, seed=0):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("workdir")
   ap.add_argument("--out", required=True)
   ap.add_argument("-n", type=int, default=12)

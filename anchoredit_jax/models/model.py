@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from anchoredit_jax.data import text_store
 from anchoredit_jax.memory import AnchorMemory
 from anchoredit_jax.models.autoencoder import PixelAutoencoder, WanVAE, WanVAEConfig
 from anchoredit_jax.models.dit import CausalDiT
-from anchoredit_jax.models.text import ByteTextEncoder
+from anchoredit_jax.models.text import ByteTextEncoder, lookup
 from anchoredit_jax.models.umt5 import UMT5Encoder
 
 AUTOENCODERS, TEXT_ENCODERS = ("pixel", "wan_vae"), ("bytes", "umt5")
@@ -81,12 +80,12 @@ class EditModel(nnx.Module):
   def autoencoder(self):
     return make_autoencoder(self.cfg) if self.vae is None else _FrozenAutoencoder(self.vae)
 
-  def encode_text(self, tokens):
+  def encode_text(self, tokens, store=None):
     """tokens [..., l] -> (embeddings [..., l, text_dim], mask [..., l]); no gradient reaches a
-    frozen encoder. Inside `text_store.use(store)` the embeddings are looked up instead."""
-    store = text_store.current()
+    frozen encoder. With `store` (precomputed embeddings of a frozen encoder, data/text_store.py)
+    they are looked up there instead and the encoder is not run."""
     if store is not None:
-      return text_store.lookup(store, tokens)
+      return lookup(store, tokens)
     text, mask = self.text(tokens)
     return (jax.lax.stop_gradient(text), mask) if "text" in frozen_parts(self.cfg) else (text, mask)
 

@@ -2,11 +2,12 @@
 
 `ByteTextEncoder` is the first implementation: a small pre-LN transformer over UTF-8 bytes
 (`data/tokenize.py`), trained jointly with the DiT. `UMT5Encoder` (`umt5.py`, Wan2.1's encoder,
-frozen in training) implements the same interface.
+frozen in training) implements the same interface. A frozen encoder's outputs may instead be
+read from a store of precomputed embeddings (`lookup`; built by `data/text_store.py`), passed
+explicitly to `EditModel.encode_text`.
 """
 from typing import Protocol
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -62,3 +63,22 @@ class ByteTextEncoder(nnx.Module):
       x = layer(x, mask)
     x = self.norm(x) * mask[..., None]
     return x.reshape(*lead, l, self.dim), mask.reshape(*lead, l)
+
+
+def row_hash(tokens, weights, xp=jnp):
+  """A uint32 hash of each token row [..., l] (numpy with xp=np: the host computes the same)."""
+  t = tokens.astype(xp.uint32) + xp.uint32(1)
+  return xp.sum(t * weights.astype(xp.uint32), axis=-1, dtype=xp.uint32)
+
+
+def lookup(store, tokens):
+  """tokens [..., l] -> (embeddings [..., l, d] float32, mask [..., l]), as the encoder gives
+  them (to float16 rounding). Rows not in the store get some other row's: check with `missing`."""
+  store = {k: jnp.asarray(v) for k, v in store.items()}
+  i = jnp.clip(jnp.searchsorted(store["keys"], row_hash(tokens, store["weights"])), 0,
+               store["keys"].shape[0] - 1)
+  emb, mask = store["emb"][i].astype(jnp.float32), store["mask"][i]
+  lead = tokens.shape[:-1]
+  tail_e = jnp.broadcast_to(store["tail_emb"].astype(jnp.float32), lead + store["tail_emb"].shape)
+  tail_m = jnp.broadcast_to(store["tail_mask"], lead + store["tail_mask"].shape)
+  return jnp.concatenate([emb, tail_e], -2), jnp.concatenate([mask, tail_m], -1)

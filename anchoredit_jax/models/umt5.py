@@ -14,7 +14,6 @@ positions zeroed, mask [..., l]), the last hidden state Wan2.1's pipeline feeds 
 """
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -25,9 +24,9 @@ from flax import nnx
 
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.convert.tensors import Tensors, checkpoint_files
+from anchoredit_jax.data.tokenize import PAD_ID
 from anchoredit_jax.models.layers import Dense, RMSNorm, param
 
-PAD_ID = 0  # T5 tokenizers pad with id 0
 
 
 def relative_position_buckets(length, num_buckets, max_distance) -> np.ndarray:
@@ -222,30 +221,6 @@ def load_umt5(path, *, dtype=jnp.float32, max_len=512) -> UMT5Encoder:
 
 
 # ---------------------------------------------------------------------------- tokens
-
-
-def load_tokenizer(path):
-  """The Hugging Face tokenizer saved in directory `path` (never fetched from the hub)."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"tokenizer directory {path} not found; pass the local folder holding "
-                            "tokenizer.json / spiece.model (a checkpoint's tokenizer/)")
-  from transformers import AutoTokenizer
-  try:
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
-  except (OSError, ValueError, TypeError) as e:
-    raise ValueError(f"{path} holds no loadable tokenizer ({str(e).splitlines()[0][:120]}); save "
-                     "one there with tokenizer.save_pretrained") from e
-
-
-def tokenize(tokenizer, texts, max_len, pad_id=PAD_ID) -> np.ndarray:
-  """int32 [n, max_len] ids (eos appended, truncated, padded with `pad_id`) of `texts`."""
-  if tokenizer.pad_token_id != pad_id:
-    # the encoder's mask is tokens != pad_id: another pad id would make padding attendable
-    raise ValueError(f"tokenizer pads with id {tokenizer.pad_token_id}, the encoder masks id "
-                     f"{pad_id}; use the tokenizer that belongs to the checkpoint")
-  ids = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
-                  return_tensors="np")["input_ids"]
-  return ids.astype(np.int32)
 
 
 def precompute_text_embeddings(encoder, tokens, *, batch_size=8, dtype=np.float16):

@@ -21,14 +21,12 @@ repair nobody instructed; later turns may weigh more (`turn_weight`).
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from anchoredit_jax import degrade, flow
-from anchoredit_jax.editing import choose_text, encode, generate_turn, turn_velocity, write_turn
-from anchoredit_jax.eval import metrics, stats
+from anchoredit_jax.editing import choose_text, empty_tokens, encode, generate_turn, turn_velocity, write_turn
 from anchoredit_jax.models.model import init_memory
-from anchoredit_jax.stages.pretrain import edit_region, edit_weighted_loss, empty_tokens, gate_loss
+from anchoredit_jax.stages.pretrain import edit_region, edit_weighted_loss, gate_loss
 
 ROLLOUT_TARGETS = ("gt", "composite")
 
@@ -97,13 +95,14 @@ def run_turns(body, carry, xs, use_scan=True):
   return jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
-def rollout_losses(params, graphdef, batch, rng, cfg, *, use_scan=True):
+def rollout_losses(params, graphdef, batch, rng, cfg, *, store=None, use_scan=True):
   """Per-turn flow losses [K] of one self-rollout. batch: images uint8 [b,K+1,R,R,3],
-  tokens [b,K,l], edit_masks [b,K,R,R]. use_scan=False runs the same body as a Python loop."""
+  tokens [b,K,l], edit_masks [b,K,R,R]; store: precomputed text embeddings or None.
+  use_scan=False runs the same body as a Python loop."""
   model = nnx.merge(graphdef, params)
   c, gate = cfg.causal, bool(cfg.model.get("copy_gate"))
   src, empty, mem, xs = rollout_inputs(model, cfg, batch)
-  empty = encode(model, empty)
+  empty = encode(model, empty, store)
   x_src, t_src = training_context(jax.random.fold_in(rng, 0), src, c, model.autoencoder, source=True)
   mem = write_turn(model, mem, x_src, empty, t_src)
 
@@ -112,7 +111,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, *, use_scan=True):
     k, x_gt, tokens, mask = xs
     r = jax.random.fold_in(rng, k)
     r_gen, r_teach, r_t, r_noise, r_drop, r_ctx = (jax.random.fold_in(r, i) for i in range(6))
-    text = encode(model, tokens)
+    text = encode(model, tokens, store)
     x_ctx = rollout_context(c, x_gt, lambda: generate_turn(
         model, mem, text, empty, r_gen, steps=c.rollout_steps, guidance=c.rollout_guidance,
         shift=cfg.flow.shift), r_teach)
@@ -132,40 +131,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, *, use_scan=True):
   return run_turns(body, (mem, src), xs, use_scan)
 
 
-def loss_fn(params, graphdef, batch, rng, cfg):
-  losses = rollout_losses(params, graphdef, batch, rng, cfg)
+def loss_fn(params, graphdef, batch, rng, cfg, *, store=None):
+  losses = rollout_losses(params, graphdef, batch, rng, cfg, store=store)
   loss = turn_weighted(losses, cfg.causal.turn_weight)
   return loss, {"loss": loss, "loss_first_turn": losses[0], "loss_last_turn": losses[-1]}
-
-
-def evaluate(params, graphdef, cfg, seqs, rng):
-  """Held-out multi-turn sessions, each turn generated from the model's own earlier turns (the
-  stage-3 student with its few-step sampler, a stage-2 model with the Euler-CFG sampler of
-  cfg.eval). seqs: images uint8 [N,K+1,R,R,3], tokens [N,K,l], edit_masks and identity_masks
-  [N,K,R,R]. Returns means over sequences and turns, and per-turn success / identity PSNR (pixels
-  never edited since the source, against the source)."""
-  from anchoredit_jax import inference  # deferred: inference imports this package's stages
-  sampler = inference.default_sampler(cfg, teacher_steps=cfg.eval.steps)
-  K, rows = seqs["tokens"].shape[1], []
-  for i in range(0, len(seqs["images"]), cfg.eval.batch_size):
-    sl = slice(i, i + cfg.eval.batch_size)
-    imgs = seqs["images"][sl]
-    mem = init_memory(cfg.model, len(imgs), imgs.shape[2], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
-    mem = inference.start_memory(params, graphdef, mem, jnp.asarray(imgs[:, 0]))
-    src = jnp.asarray(imgs[:, 0], jnp.float32) / 255.0
-    per_turn = []
-    for k in range(K):
-      pred, mem = inference.edit_turn(params, graphdef, mem, jnp.asarray(seqs["tokens"][sl, k]),
-                                      jax.random.fold_in(rng, i * K + k), sampler=sampler)
-      target = jnp.asarray(imgs[:, k + 1], jnp.float32) / 255.0
-      m = metrics.turn_metrics(pred, target, src, jnp.asarray(seqs["edit_masks"][sl, k]),
-                               jnp.asarray(seqs["identity_masks"][sl, k]))
-      per_turn.append(jax.device_get(m))
-    rows.append({key: np.stack([t[key] for t in per_turn], 1) for key in per_turn[0]})  # [b,K]
-  m = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
-  result = {key: float(v.mean()) for key, v in m.items()}
-  # per turn: success_turn{k} with its Wilson interval, conditional success and all-correct share,
-  # identity/preserved PSNR with bootstrap intervals (eval/stats.py)
-  result.update(stats.turn_scalars(stats.summarize_turns(m["success"], m["identity_psnr"],
-                                                         m["preserved_psnr"])))
-  return result

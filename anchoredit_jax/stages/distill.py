@@ -24,12 +24,11 @@ from flax import nnx
 
 from anchoredit_jax import flow
 from anchoredit_jax.editing import encode, generate_turn_fast, guided_velocity, turn_velocity, write_turn
-from anchoredit_jax.stages.causal import (evaluate, rollout_context, rollout_inputs, run_turns,
-                                          training_context, turn_target, turn_weighted)
+from anchoredit_jax.stages.causal import (rollout_context, rollout_inputs, run_turns, training_context,
+                                          turn_target, turn_weighted)
 from anchoredit_jax.stages.pretrain import gate_loss, weighted_mse
 
 ROLES = ("student", "ema", "teacher")
-__all__ = ["evaluate", "init_aux", "loss_fn", "update_aux"]  # evaluate: multi-turn, as stage 2
 
 
 def init_aux(params, cfg):
@@ -56,14 +55,14 @@ def consistency_x0(model, mem, x, t, text, with_gate=False):
   return (x0, out[2]) if with_gate else x0
 
 
-def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
+def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, store=None, use_scan=True):
   """Per-turn consistency losses [K] over one self-rollout (see the module docstring)."""
   models = {"student": nnx.merge(graphdef, params), "ema": nnx.merge(graphdef, aux["ema"]),
             "teacher": nnx.merge(graphdef, aux["teacher"])}
   c, d, gate = cfg.causal, cfg.distill, bool(cfg.model.get("copy_gate"))
   src, empty, mem0, xs = rollout_inputs(models["student"], cfg, batch)
   ae = models["student"].autoencoder
-  empty = {r: encode(m, empty) for r, m in models.items()}
+  empty = {r: encode(m, empty, store) for r, m in models.items()}
   x_src, t_src = training_context(jax.random.fold_in(rng, 0), src, c, ae, source=True)
   mems = {r: write_turn(m, mem0, x_src, empty[r], t_src) for r, m in models.items()}
   grid = schedule(cfg)
@@ -74,7 +73,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
     r = jax.random.fold_in(rng, k)
     r_gen, r_teach, r_n, r_noise, r_ctx = (jax.random.fold_in(r, i) for i in range(5))
     b = x_gt.shape[0]
-    text = {r: encode(m, tokens) for r, m in models.items()}
+    text = {r: encode(m, tokens, store) for r, m in models.items()}
     x_ctx = rollout_context(c, x_gt, lambda: generate_turn_fast(
         models["student"], mems["student"], text["student"], r_gen, steps=d.student_steps,
         shift=cfg.flow.shift), r_teach)
@@ -97,7 +96,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, use_scan=True):
   return run_turns(body, (mems, src), xs, use_scan)
 
 
-def loss_fn(params, graphdef, batch, rng, cfg, aux):
-  losses = rollout_losses(params, graphdef, batch, rng, cfg, aux)
+def loss_fn(params, graphdef, batch, rng, cfg, aux, *, store=None):
+  losses = rollout_losses(params, graphdef, batch, rng, cfg, aux, store=store)
   loss = turn_weighted(losses, cfg.causal.turn_weight)
   return loss, {"loss": loss, "loss_first_turn": losses[0], "loss_last_turn": losses[-1]}

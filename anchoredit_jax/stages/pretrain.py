@@ -12,50 +12,44 @@ mapping instead: the instruction `identity_text` and the source itself as the ta
 model learns that saying "no change" changes nothing (kept apart from the empty instruction CFG
 drops to, whose target stays the edit).
 """
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from anchoredit_jax import flow
-from anchoredit_jax.data.shapes import OPS
-from anchoredit_jax.data.tokenize import tokenize_for
-from anchoredit_jax.eval import metrics
+from anchoredit_jax.editing import empty_tokens, encode, instruction_tokens
 from anchoredit_jax.models.model import prev_cond
 
 
-def empty_tokens(model_cfg):
-  """The empty instruction [text_len] (the unconditional input of classifier-free guidance)."""
-  return instruction_tokens(model_cfg, "")
-
-
-def instruction_tokens(model_cfg, text: str):
-  """One instruction's tokens [text_len]."""
-  return jnp.asarray(tokenize_for(model_cfg, [text])[0])
-
-
-def velocity(model, src, x_t, t, tokens, with_gate=False):
-  """Velocity of the target turn. src/x_t [b,H,W,C] latents, t [b], tokens [b,l] -> [b,H,W,C]
-  (and the copy gate's keep logits [b,H,W] with `with_gate`)."""
+def velocity(model, src, x_t, t, text, empty=None, with_gate=False):
+  """Velocity of the target turn. src/x_t [b,H,W,C] latents, t [b], Texts of the instruction
+  and (needed with model.source_context, which writes the source under it) of the empty one
+  (editing.encode) -> [b,H,W,C] (and the copy gate's keep logits [b,H,W] with `with_gate`)."""
   mcfg, b = model.cfg, x_t.shape[0]
   pick = lambda out, i: (out[0][:, i], out[2][:, i]) if with_gate else out[0][:, i]
   if mcfg.source_context:
     x = jnp.stack([src, x_t], axis=1)
     ts = jnp.stack([jnp.zeros_like(t), t], axis=1)
-    toks = jnp.stack([jnp.broadcast_to(empty_tokens(mcfg), tokens.shape), tokens], axis=1)
+    texts = jax.tree.map(lambda e, a: jnp.concatenate([e, a], axis=1), empty, text)
     pos = jnp.broadcast_to(jnp.arange(2), (b, 2))
     cond = prev_cond(jnp.stack([src, src], axis=1), mcfg.concat_anchor) if mcfg.concat_prev else None
-    return pick(model(x, ts, toks, pos, cond=cond, with_gate=with_gate), 1)
+    return pick(model(x, ts, texts, pos, cond=cond, with_gate=with_gate), 1)
   cond = prev_cond(jnp.stack([src, src], axis=1), mcfg.concat_anchor)[:, 1:] if mcfg.concat_prev else None
-  return pick(model(x_t[:, None], t[:, None], tokens[:, None], jnp.ones((b, 1), jnp.int32), cond=cond,
+  return pick(model(x_t[:, None], t[:, None], text, jnp.ones((b, 1), jnp.int32), cond=cond,
                     with_gate=with_gate), 0)
 
 
-def loss_fn(params, graphdef, batch, rng, cfg):
-  """Flow-matching loss on the target turn. batch: images uint8 [b,2,R,R,3], tokens [b,1,l]."""
+def turn_texts(model, tokens, store=None):
+  """Texts of instruction tokens [b,l] and, where model.source_context needs it, of the empty
+  instruction (else None)."""
+  empty = jnp.broadcast_to(empty_tokens(model.cfg), tokens.shape)
+  return encode(model, tokens, store), encode(model, empty, store) if model.cfg.source_context else None
+
+
+def loss_fn(params, graphdef, batch, rng, cfg, *, store=None):
+  """Flow-matching loss on the target turn. batch: images uint8 [b,2,R,R,3], tokens [b,1,l].
+  `store`: a frozen text encoder's precomputed embeddings, or None (the encoder runs)."""
   model = nnx.merge(graphdef, params)
   f, gate = cfg.flow, bool(cfg.model.get("copy_gate"))
   lat = model.autoencoder.encode(batch["images"])  # [b,2,H,W,C]
@@ -71,7 +65,8 @@ def loss_fn(params, graphdef, batch, rng, cfg):
   tokens = jnp.where(drop[:, None], empty_tokens(cfg.model), batch["tokens"][:, 0])
   if f.get("p_identity", 0.0) > 0:
     tokens = jnp.where(ident[:, None], instruction_tokens(cfg.model, f.identity_text), tokens)
-  out = velocity(model, src, flow.add_noise(x0, noise, t), t, tokens, with_gate=gate)
+  text, empty = turn_texts(model, tokens, store)
+  out = velocity(model, src, flow.add_noise(x0, noise, t), t, text, empty, with_gate=gate)
   loss, mse = edit_weighted_loss(out[0] if gate else out, x0, noise, mask, f.edit_weight)
   aux = {"mse": mse}
   if gate:
@@ -105,50 +100,3 @@ def edit_region(mask, latent_res):
   b, r = mask.shape[:2]
   f = r // latent_res
   return mask.reshape(b, latent_res, f, latent_res, f).any(axis=(2, 4)).astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "guidance", "shift"))
-def sample(params, graphdef, src_images, tokens, rng, *, steps, guidance, shift):
-  """Edit src_images uint8 [b,R,R,3] by tokens [b,l] with an Euler sampler + CFG -> [b,R,R,3] in [0,1]."""
-  model = nnx.merge(graphdef, params)
-  ae = model.autoencoder
-  src = ae.encode(src_images)
-  uncond = jnp.broadcast_to(empty_tokens(model.cfg), tokens.shape)
-
-  def velocity_fn(x, t, guided):
-    tb = jnp.full((x.shape[0],), t)
-    if not guided:
-      return velocity(model, src, x, tb, tokens)
-    two = lambda a: jnp.concatenate([a, a], axis=0)
-    v = velocity(model, two(src), two(x), two(tb), jnp.concatenate([tokens, uncond], axis=0))
-    return jnp.split(v, 2, axis=0)
-
-  x0 = flow.euler_sample(velocity_fn, jax.random.normal(rng, src.shape), steps=steps, shift=shift,
-                         guidance=guidance)
-  return ae.decode(x0)
-
-
-def evaluate(params, graphdef, cfg, pairs, rng):
-  """Held-out single-turn edits. pairs: dict of numpy images [N,2,R,R,3], tokens [N,1,l],
-  edit_masks [N,1,R,R], ops [N,1]. Returns mean metrics, the copy-the-source baseline and per-op
-  success."""
-  ecfg, out, copy = cfg.eval, [], []
-  for i in range(0, len(pairs["images"]), ecfg.batch_size):
-    sl = slice(i, i + ecfg.batch_size)
-    imgs = pairs["images"][sl]
-    pred = sample(params, graphdef, imgs[:, 0], pairs["tokens"][sl, 0], jax.random.fold_in(rng, i),
-                  steps=ecfg.steps, guidance=ecfg.guidance, shift=ecfg.shift)
-    target = jnp.asarray(imgs[:, 1], jnp.float32) / 255.0
-    mask = jnp.asarray(pairs["edit_masks"][sl, 0])
-    out.append(jax.device_get(metrics.edit_metrics(pred, target, mask)))
-    copy.append(jax.device_get(metrics.edit_metrics(jnp.asarray(imgs[:, 0], jnp.float32) / 255.0,
-                                                    target, mask)))
-  cat = lambda rows: {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-  m, c = cat(out), cat(copy)
-  result = {k: float(v.mean()) for k, v in m.items()}
-  result.update({f"copy_{k}": float(v.mean()) for k, v in c.items()})
-  ops = pairs["ops"][:, 0]
-  for j, name in enumerate(OPS):
-    if (ops == j).any():
-      result[f"success_{name}"] = float(m["success"][ops == j].mean())
-  return result

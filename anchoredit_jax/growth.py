@@ -1,0 +1,85 @@
+"""Starting a stage from the one before it: read its parameters, check they belong to this
+model, and grow the parts a stage may add over them with zero weights, so the grown model first
+computes exactly what the earlier one did (stage 2 learning to use the anchor's latent on top of
+a stage-1 run made without it; a copy gate over a run without one).
+
+Stage 1 may start from a Wan2.1 diffusers folder instead (the video prior).
+"""
+import json
+
+from anchoredit_jax.checkpoint import has_model, load_params
+from anchoredit_jax.convert import wan
+from anchoredit_jax.distributed import say
+from anchoredit_jax.models.dit import input_channels, output_channels, pad_head, pad_patch_kernel
+from anchoredit_jax.models.model import latent_channels
+
+# model fields that change how the model computes, not what its parameters are: a run may resume,
+# or a stage start from one, with other values of these (another attention kernel on another device)
+COMPUTE_ONLY = ("attention_kernel", "remat", "dtype")
+
+
+# model fields added after runs were already made, with the value those runs had without them
+ADDED_FIELDS = {"copy_gate": False, "rope_stride": 1}
+
+
+def parameter_fields(model_cfg) -> dict:
+  """The model config's fields that decide its parameters or what it has learned (all but
+  COMPUTE_ONLY), as plain JSON; fields a config predates get the value it ran with."""
+  fields = {**ADDED_FIELDS, **json.loads(model_cfg.to_json())}
+  return {k: v for k, v in fields.items() if k not in COMPUTE_ONLY}
+
+
+PREVIOUS_STAGE = {"causal": "pretrain", "distill": "causal"}
+
+
+def load_init(cfg, mesh=None, rules=None):
+  """Parameters of the earlier stage's run named by cfg.init_from, checked against this model,
+  or of a Wan2.1 diffusers folder (stage 1 from the video prior)."""
+  src, prev = cfg.init_from, PREVIOUS_STAGE.get(cfg.stage, "pretrain")
+  if wan.is_wan_pipeline(src):
+    say(f"initialised from the Wan2.1 weights in {src}")
+    return wan.load_wan_pipeline(src, cfg.model, mesh=mesh, rules=rules)
+  if not has_model(src):
+    raise FileNotFoundError(
+        f"init_from={src} has no checkpoint; make it first with: python -m anchoredit_jax.train "
+        f"--config=configs/{prev}.py:{cfg.preset} --workdir={src}")
+  src_cfg, _, params, step = load_params(src, mesh=mesh)
+  if src_cfg.get("stage") != prev:
+    raise ValueError(f"init_from={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} starts "
+                     f"from a {prev} run")
+  src_model, our_model = parameter_fields(src_cfg.model), parameter_fields(cfg.model)
+  grown = [k for k, off in GROWABLE.items() if src_model[k] == off != our_model[k]]
+  if {**our_model, **{k: src_model[k] for k in grown + list(RETUNABLE)}} != src_model:
+    raise ValueError(f"init_from={src} was trained with another model config than this stage's")
+  for k in grown:
+    params = GROWABLE_BY[k](params, cfg.model)
+  say(f"initialised from {src} step {step}")
+  return params
+
+
+# model fields a stage may turn on over its init_from run: the new weights start at zero, so the
+# grown model computes what the earlier one did (e.g. stage 2 learning to use the anchor's latent
+# on top of a stage-1 run made without it; a copy gate over a run without one)
+GROWABLE = {"concat_anchor": False, "copy_gate": False}
+# model fields a stage may set otherwise than its init_from run: no parameters depend on them
+RETUNABLE = ("rope_stride",)
+
+
+def _grow_anchor(params, model_cfg):
+  kernel = params["dit"]["patch_embed"]["kernel"]
+  in_ch = input_channels(model_cfg, latent_channels(model_cfg))
+  say(f"patch embedding grown to {in_ch} input channels (zero weights for the anchor's latent)")
+  kernel.set_value(pad_patch_kernel(kernel.get_value(), model_cfg.patch, in_ch))
+  return params
+
+
+def _grow_gate(params, model_cfg):
+  head = params["dit"]["head"]
+  out_ch = output_channels(model_cfg, latent_channels(model_cfg))
+  say(f"output head grown to {out_ch} channels (a zero-initialised copy gate, nearly closed)")
+  for name in ("kernel", "bias"):
+    head[name].set_value(pad_head(head[name].get_value(), model_cfg.patch, out_ch))
+  return params
+
+
+GROWABLE_BY = {"concat_anchor": _grow_anchor, "copy_gate": _grow_gate}

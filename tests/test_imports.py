@@ -1,0 +1,97 @@
+"""The package's imports flow one way: no module imports, directly or through others, a module
+that imports it back, and no function body hides an import of the package (which is how a cycle
+gets papered over). Read from the source with `ast`, so nothing here depends on import order."""
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("anchoredit_jax", "configs")
+# imports that may stay inside a function: each loads an optional heavy dependency only where a
+# code path needs it (a TPU kernel library)
+DEFERRED_OK = {("anchoredit_jax.models.attention", "anchoredit_jax.models.splash")}
+
+
+def modules() -> dict:
+  """{dotted module name: path} of every module of the package and the configs."""
+  out = {}
+  for pkg in PACKAGES:
+    for p in sorted((ROOT / pkg).rglob("*.py")):
+      parts = p.relative_to(ROOT).with_suffix("").parts
+      out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+  return out
+
+
+def imports(name, path, known):
+  """[(imported module, at module level?)] of the package's own modules that `name` imports."""
+  tree = ast.parse(path.read_text())
+  here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  top = {id(n) for n in tree.body} | {id(n) for s in tree.body if isinstance(s, (ast.If, ast.Try))
+                                      for n in ast.walk(s)}
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      targets = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        up = here.split(".")[:len(here.split(".")) - node.level + 1]
+        base = ".".join(up + ([base] if base else []))
+      targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+    else:
+      continue
+    for t in targets:
+      while t and t not in known:  # `import a.b.c` depends on the deepest module that exists
+        t = t.rpartition(".")[0]
+      if t and t != name:
+        found.append((t, id(node) in top))
+  return found
+
+
+def graph():
+  known = modules()
+  return known, {n: imports(n, p, known) for n, p in known.items()}
+
+
+def cycle(edges):
+  """One import cycle [a, b, ..., a] of the graph, or None."""
+  state, stack = {}, []
+
+  def visit(v):
+    state[v] = "open"
+    stack.append(v)
+    for w in sorted(edges[v]):
+      if state.get(w) == "open":
+        return stack[stack.index(w):] + [w]
+      if w not in state and (found := visit(w)):
+        return found
+    state[v] = "done"
+    stack.pop()
+    return None
+
+  for v in sorted(edges):
+    if v not in state and (found := visit(v)):
+      return found
+  return None
+
+
+def test_the_checker_finds_a_cycle_and_a_hidden_import(tmp_path):
+  assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+  assert cycle({"a": {"b"}, "b": set()}) is None
+  p = tmp_path / "m.py"
+  p.write_text("import x.y\nfrom . import z\ndef f():\n  from x import w\n")
+  known = {"x", "x.y", "x.w", "pkg.z", "pkg.m"}
+  assert sorted(imports("pkg.m", p, known)) == [("pkg.z", True), ("x.w", False), ("x.y", True)]
+
+
+def test_package_imports_have_no_cycle():
+  _, edges = graph()
+  found = cycle({n: {t for t, _ in deps} for n, deps in edges.items()})
+  assert found is None, "import cycle: " + " -> ".join(found)
+
+
+def test_no_package_import_is_hidden_in_a_function():
+  _, edges = graph()
+  hidden = sorted({(n, t) for n, deps in edges.items() for t, top in deps
+                  if not top and (n, t) not in DEFERRED_OK})
+  assert not hidden, f"imports inside functions (move them to the top of the module): {hidden}"
+
