@@ -19,7 +19,7 @@ COMPUTE_ONLY = ("attention_kernel", "remat", "dtype")
 
 
 # model fields added after runs were already made, with the value those runs had without them
-ADDED_FIELDS = {"copy_gate": False, "rope_stride": 1}
+ADDED_FIELDS = {"copy_gate": False, "gate_from": "prev", "rope_stride": 1}
 
 
 def parameter_fields(model_cfg) -> dict:
@@ -49,7 +49,8 @@ def load_init(cfg, mesh=None, rules=None):
                      f"from a {prev} run")
   src_model, our_model = parameter_fields(src_cfg.model), parameter_fields(cfg.model)
   grown = [k for k, off in GROWABLE.items() if src_model[k] == off != our_model[k]]
-  if {**our_model, **{k: src_model[k] for k in grown + list(RETUNABLE)}} != src_model:
+  free = grown + [d for k in grown for d in GROWN_WITH.get(k, ())] + list(RETUNABLE)
+  if {**our_model, **{k: src_model[k] for k in free}} != src_model:
     raise ValueError(f"init_from={src} was trained with another model config than this stage's")
   for k in grown:
     params = GROWABLE_BY[k](params, cfg.model)
@@ -63,6 +64,8 @@ def load_init(cfg, mesh=None, rules=None):
 GROWABLE = {"concat_anchor": False, "copy_gate": False}
 # model fields a stage may set otherwise than its init_from run: no parameters depend on them
 RETUNABLE = ("rope_stride",)
+# fields that only mean something once a grown part exists, so they are chosen with it
+GROWN_WITH = {"copy_gate": ("gate_from",)}
 
 
 def _grow_anchor(params, model_cfg):

@@ -39,6 +39,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       autoencoder="pixel", ae_factor=1, latent_channels=3,
       concat_prev=True, concat_anchor=False, source_context=False, prediction="velocity", abs_pos=False,
       copy_gate=False,  # an output channel gating between the new turn and the previous one (dit.py)
+      gate_from="prev",  # what the gate copies: "prev" (the previous turn) or "anchor" (the source)
       rope_stride=1,    # temporal RoPE positions = turn index x stride (the authors use 4)
       attention_kernel="xla", remat="none",
       dtype="float32"))  # compute dtype of the DiT's blocks (float32 or bfloat16); params stay float32

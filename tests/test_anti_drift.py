@@ -204,3 +204,39 @@ def test_gated_stage_2_grows_from_the_shipped_stage_1_and_learns_its_gate():
   g = jax.grad(lambda p: causal.loss_fn(p, graphdef, batch, jax.random.key(3), cfg)[0])(params)
   gate_grad = np.asarray(g["dit"]["head"]["bias"].get_value())[np.arange(16) * 4 + 3]
   assert np.abs(gate_grad).max() > 0
+
+
+def test_anchor_gate_copies_the_source_and_learns_against_the_identity_mask():
+  """gate_from="anchor": an open gate returns the source's latent (the anchor part of the concat
+  condition), not the previous turn; its target is "changed since the source", not "changed this
+  turn"; it needs the anchor condition; grown over a stage 1 without a gate, it is chosen freely."""
+  m = tiny_model(copy_gate=True, gate_from="anchor", concat_anchor=True)
+  params, apply = random_model(m)
+  b, C, p = 2, 3, m.patch
+  x, prev, src = (jax.random.uniform(jax.random.key(i), (b, 1, 16, 16, C), minval=-1, maxval=1)
+                  for i in range(3))
+  cond = jnp.concatenate([prev, jnp.ones(prev.shape[:-1] + (1,)), src], -1)
+  head = params["dit"]["head"]
+  gate_cols = np.arange(p * p) * (C + 1) + C
+  head["bias"].set_value(head["bias"].get_value().at[gate_cols].set(40.0))
+  head["kernel"].set_value(head["kernel"].get_value().at[:, gate_cols].set(0.0))
+  t = jnp.full((b, 1), 0.5)
+  v = apply(params, x, t, jnp.zeros((b, 1, 32), jnp.int32), jnp.ones((b, 1), jnp.int32), cond=cond)[0]
+  np.testing.assert_allclose(x - 0.5 * v, src, atol=1e-5)
+  with pytest.raises(ValueError, match="gate_from='anchor' needs model.concat_anchor=True"):
+    build(tiny_model(copy_gate=True, gate_from="anchor"), nnx.Rngs(0))
+
+  cfg, graphdef, params, batch = _setup()
+  cfg.model.update(copy_gate=True, gate_from="anchor", concat_anchor=True)
+  edit, ident = np.asarray(batch["edit_masks"]), np.asarray(batch["identity_masks"])
+  np.testing.assert_array_equal(causal.gate_changed(cfg.model, batch), ~ident)
+  assert (~ident & ~edit).any()  # pixels edited at an earlier turn: kept by "prev", not by "anchor"
+  graphdef, params = nnx.split(build(cfg.model, nnx.Rngs(0)))
+  g = jax.grad(lambda q: causal.loss_fn(q, graphdef, batch, jax.random.key(3), cfg)[0])(params)
+  assert np.abs(np.asarray(g["dit"]["head"]["bias"].get_value())[np.arange(16) * 4 + 3]).max() > 0
+
+  # grown over the shipped stage 1 (no gate), the gate may copy from the anchor
+  stage2 = causal_config.get_config("toy")
+  stage2.init_from = os.path.join(REF, "pretrain")
+  stage2.model.update(copy_gate=True, gate_from="anchor")
+  assert load_init(stage2)["dit"]["head"]["kernel"].shape[-1] == 4 * 4 * 4

@@ -26,7 +26,7 @@ def _setup(**over):
   params = jax.tree.unflatten(tree, [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
   rows = [pipeline.example_from_seed(i, split="train", res=32, num_turns=cfg.data.num_turns,
                                      text_len=cfg.model.text_len) for i in range(2)]
-  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in ("images", "tokens", "edit_masks")}
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in ("images", "tokens", "edit_masks", "identity_masks")}
   return cfg, graphdef, params, batch
 
 

@@ -15,7 +15,10 @@ Two ways to condition a turn on the image before it, both kept:
 An optional copy path (`copy_gate`, beyond the paper): the head predicts one more channel, a
 per-pixel logit of "keep the previous turn here", and the clean turn it implies is blended with
 the previous turn by it. Where an edit leaves pixels alone they are then copied exactly instead of
-being regenerated, so they cannot drift. Zero-initialised, it starts almost closed.
+being regenerated, so they cannot drift. Zero-initialised, it starts almost closed. With
+`gate_from="anchor"` it copies from the source image instead (the anchor's latent of the
+`concat_anchor` condition): "this pixel is still as it was in the source", so what no edit has
+touched is restored exactly at every turn, whatever the earlier turns did to it.
 
 Letters: b batch, T turns in this call, n tokens per turn, d dim, L layers, h heads, k head_dim.
 """
@@ -61,11 +64,26 @@ def input_channels(cfg, latent_channels: int) -> int:
   return latent_channels + prev + (latent_channels if anchor else 0)
 
 
+GATE_FROM = ("prev", "anchor")
+
+
 def output_channels(cfg, latent_channels: int) -> int:
   """Channels the head predicts per latent pixel: the turn, then the copy gate's logit if any."""
-  if cfg.get("copy_gate") and not cfg.concat_prev:
-    raise ValueError("model.copy_gate=True needs model.concat_prev=True (the turn it copies from)")
+  if cfg.get("copy_gate"):
+    if not cfg.concat_prev:
+      raise ValueError("model.copy_gate=True needs model.concat_prev=True (the turn it copies from)")
+    src = cfg.get("gate_from", "prev")
+    if src not in GATE_FROM:
+      raise ValueError(f"model.gate_from={src!r}; choose from {GATE_FROM}")
+    if src == "anchor" and not cfg.get("concat_anchor"):
+      raise ValueError("model.gate_from='anchor' needs model.concat_anchor=True (the source it copies)")
   return latent_channels + (1 if cfg.get("copy_gate") else 0)
+
+
+def gate_reference(cfg, cond, C: int):
+  """The clean latent [..., H, W, C] the copy gate blends towards, from the concat condition:
+  the previous turn, or (gate_from="anchor") the source."""
+  return cond[..., C + 1:2 * C + 1] if cfg.get("gate_from", "prev") == "anchor" else cond[..., :C]
 
 
 def pad_head(kernel, patch: int, out_ch: int):
@@ -235,7 +253,8 @@ class CausalDiT(nnx.Module):
     elif cfg.prediction != "velocity":
       raise ValueError(f"model.prediction={cfg.prediction!r}; use velocity, x0 or x0_residual")
     if logit is not None:
-      out = copy_gated(out, x[..., :C], t[:, :, None, None, None], cond[..., :C].astype(out.dtype), logit)
+      out = copy_gated(out, x[..., :C], t[:, :, None, None, None],
+                       gate_reference(cfg, cond, C).astype(out.dtype), logit)
       if with_gate:
         return out, kv, logit + GATE_OFFSET
     elif with_gate:

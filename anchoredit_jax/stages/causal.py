@@ -38,15 +38,25 @@ def memory_window(cfg, turns: int) -> int:
 
 def rollout_inputs(model, cfg, batch):
   """Encode a sequence -> (source latent [b,H,W,C], empty tokens [b,l], empty memory, per-turn
-  scan inputs (turn index, ground truth, tokens, edit mask), each with turns first)."""
+  scan inputs (turn index, ground truth, tokens, edit mask, the copy gate's "changed" mask),
+  each with turns first)."""
   mcfg = model.cfg
   lat = model.autoencoder.encode(batch["images"])  # [b,K+1,H,W,C]
   b, K = lat.shape[0], lat.shape[1] - 1
   empty = jnp.broadcast_to(empty_tokens(mcfg), (b, mcfg.text_len))
   mem = init_memory(mcfg, b, batch["images"].shape[2], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
   swap = lambda a: jnp.swapaxes(a, 0, 1)
-  xs = (jnp.arange(1, K + 1), swap(lat[:, 1:]), swap(batch["tokens"]), swap(batch["edit_masks"]))
+  xs = (jnp.arange(1, K + 1), swap(lat[:, 1:]), swap(batch["tokens"]), swap(batch["edit_masks"]),
+        swap(gate_changed(mcfg, batch)))
   return lat[:, 0], empty, mem, xs
+
+
+def gate_changed(model_cfg, batch):
+  """Pixels [b,K,R,R] the copy gate must not keep: those this turn edits when it copies the
+  previous turn, those any turn so far has edited when it copies the source (gate_from)."""
+  if model_cfg.get("gate_from", "prev") == "anchor":
+    return ~batch["identity_masks"]
+  return batch["edit_masks"]
 
 
 def rollout_context(c, x_gt, generate, rng):
@@ -108,7 +118,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, *, store=None, use_scan=Tr
 
   def body(carry, xs):
     mem, prev = carry  # prev: the clean turn last written (before degradation)
-    k, x_gt, tokens, mask = xs
+    k, x_gt, tokens, mask, changed = xs
     r = jax.random.fold_in(rng, k)
     r_gen, r_teach, r_t, r_noise, r_drop, r_ctx = (jax.random.fold_in(r, i) for i in range(6))
     text = encode(model, tokens, store)
@@ -124,7 +134,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, *, store=None, use_scan=Tr
                         with_gate=gate)
     loss, _ = edit_weighted_loss(out[0], target, noise, mask, cfg.flow.edit_weight)
     if gate:
-      loss = loss + cfg.flow.gate_weight * gate_loss(out[2], mask)
+      loss = loss + cfg.flow.gate_weight * gate_loss(out[2], changed)
     x_mem, t_mem = training_context(r_ctx, x_ctx, c, model.autoencoder)
     return (write_turn(model, mem, x_mem, text, t_mem), x_ctx), loss
 

@@ -69,7 +69,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, store=None, use_sc
 
   def body(carry, xs):
     mems, prev = carry  # prev: the clean turn last written (before degradation)
-    k, x_gt, tokens, mask = xs
+    k, x_gt, tokens, mask, changed = xs
     r = jax.random.fold_in(rng, k)
     r_gen, r_teach, r_n, r_noise, r_ctx = (jax.random.fold_in(r, i) for i in range(5))
     b = x_gt.shape[0]
@@ -88,7 +88,7 @@ def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, store=None, use_sc
     pred = consistency_x0(models["student"], mems["student"], x_hi, t_hi, text["student"], gate)
     loss, _ = weighted_mse(pred[0] if gate else pred, target, mask, cfg.flow.edit_weight)
     if gate:
-      loss = loss + cfg.flow.gate_weight * gate_loss(pred[1], mask)
+      loss = loss + cfg.flow.gate_weight * gate_loss(pred[1], changed)
     x_mem, t_mem = training_context(r_ctx, x_ctx, c, ae)
     mems = {r: write_turn(models[r], mems[r], x_mem, text[r], t_mem) for r in ROLES}
     return (mems, x_ctx), loss

@@ -75,10 +75,10 @@ def loss_fn(params, graphdef, batch, rng, cfg, *, store=None):
   return loss, {"loss": loss, **aux}
 
 
-def gate_loss(keep_logit, edit_mask):
-  """Cross-entropy of the copy gate's keep logits [b,H,W] against "this latent pixel is not
-  edited" (the exact edit mask [b,R,R] on the latent grid)."""
-  keep = 1.0 - edit_region(edit_mask, keep_logit.shape[1])
+def gate_loss(keep_logit, changed):
+  """Cross-entropy of the copy gate's keep logits [b,H,W] against "this latent pixel is as in
+  what the gate copies" (an exact mask [b,R,R] of the changed pixels, on the latent grid)."""
+  keep = 1.0 - edit_region(changed, keep_logit.shape[1])
   return jnp.mean(optax.sigmoid_binary_cross_entropy(keep_logit, keep))
 
 
