@@ -56,7 +56,7 @@ reproduce: $(STAMP)
 	  $(PY) -m anchoredit_jax.export --run=$(REPRO)/$$stage --out=$(REF)/$$stage; \
 	done; \
 	$(PY) -m benchmark.multiturn --weights=$(REF) --runs=$(REPRO) --baseline-sequences=32 \
-	  --out=benchmark/results/multiturn; \
+	  --out=benchmark/results/multiturn/latest; \
 	echo "reproduce: done in $$(( ($$(date +%s) - start) / 60 )) min"
 
 clean:

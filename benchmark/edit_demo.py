@@ -1,7 +1,7 @@
 """A long editing session on one held-out ShapesEdit scene, run through the `edit` command, scored
 turn by turn against the exact ground truth.
 
-  python -m benchmark.edit_demo --checkpoint runs/toy/distill --turns 16 --out benchmark/results/edit_toy
+  python -m benchmark.edit_demo --checkpoint runs/toy/distill --turns 16 --out benchmark/results/edit/latest
 
 Writes the `edit` command's outputs (one PNG per turn, strip.png, session.json/npz) plus
 compare.png (model row over ground-truth row) and scores.json (per turn: edit success, edit MAE,
@@ -28,7 +28,7 @@ def main(argv=None):
   ap.add_argument("--turns", type=int, default=16)
   ap.add_argument("--seed", type=int, default=0, help="held-out sequence seed")
   ap.add_argument("--res", type=int, default=32)
-  ap.add_argument("--out", default="benchmark/results/edit_toy")
+  ap.add_argument("--out", default="benchmark/results/edit/latest")
   args = ap.parse_args(argv)
 
   seq = shapes.make_sequence(args.seed, args.turns, args.res, split="heldout")

@@ -84,7 +84,7 @@ def main(argv=None):
   ap.add_argument("--sessions", type=int, default=5)
   ap.add_argument("--teacher-steps", type=int, default=50)
   ap.add_argument("--teacher-turns", type=int, default=3)
-  ap.add_argument("--json", default="benchmark/results/edit_latency.json")
+  ap.add_argument("--json", default="benchmark/results/speed/latest/edit_latency.json")
   args = ap.parse_args(argv)
 
   print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "

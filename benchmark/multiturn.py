@@ -65,7 +65,7 @@ def main(argv=None):
   ap.add_argument("--runs", default="runs/toy", help="training runs root")
   ap.add_argument("--all", action="store_true", help="train the runs the systems lack first")
   ap.add_argument("--preset", default="toy", help="config preset of runs trained by --all")
-  ap.add_argument("--out", default="benchmark/results/multiturn")
+  ap.add_argument("--out", default="benchmark/results/multiturn/latest")
   args = ap.parse_args(argv)
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]
   bad = [s for s in systems if s not in mt.SYSTEMS]

@@ -235,7 +235,7 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--teacher-steps", type=int, default=50)
   ap.add_argument("--matmul", type=int, default=0, help="peak matmul size (default 2048 CPU, 8192 GPU)")
-  ap.add_argument("--out", default="benchmark/results/speed")
+  ap.add_argument("--out", default="benchmark/results/speed/latest")
   ap.add_argument("--skip-editing", action="store_true")
   ap.add_argument("--attention", default="", choices=("", "xla", "cudnn", "splash"),
                   help="attention kernel (default: the preset's model.attention_kernel)")

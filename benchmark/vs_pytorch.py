@@ -71,7 +71,7 @@ def main(argv=None):
   ap.add_argument("--text-dim", type=int, default=4096)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-  ap.add_argument("--out", default="benchmark/results/vs_pytorch")
+  ap.add_argument("--out", default="benchmark/results/parity/latest")
   args = ap.parse_args(argv)
   import torch
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "

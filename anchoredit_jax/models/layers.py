@@ -7,8 +7,8 @@ Hand-written backward passes (normalize, rms_normalize, modulate, gated, softmax
 a product with a broadcast operand (LayerNorm's statistics, adaLN's scale and gate, softmax's
 normaliser) into "multiply, then sum over the broadcast axes". XLA:CPU hands that fused pattern
 to YNNPACK, which runs it 8-20x slower than the same sum written as a contraction; here the sums
-go through `dot_sum`, which writes them as one on a CPU (benchmark/RESULTS.md, session 8). The
-forward passes are the plain formulas, and other backends get the plain sums.
+go through `dot_sum`, which writes them as one on a CPU (benchmark/RESULTS.md, 2026-11-27,
+c9407d3). The forward passes are the plain formulas, and other backends get the plain sums.
 """
 import functools
 import string
