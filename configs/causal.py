@@ -7,7 +7,8 @@ Reads the stage-1 run named by `init_from` (default runs/<preset>/pretrain). Abl
 --config.causal.anchor=False (window only), --config.causal.full_cache=True (keep every turn);
 anti-drift: --config.causal.degrade.enabled=True, --config.causal.context_noise=0.2,
 --config.causal.rollout_target=composite, --config.causal.turn_weight=1.0,
---config.model.rope_stride=4, --config.model.copy_gate=True (grown over a run without one).
+--config.model.rope_stride=4, --config.model.copy_gate=True (grown over a run without one),
+--config.model.gate_from=anchor (that gate copies the source instead of the previous turn).
 """
 import ml_collections
 
