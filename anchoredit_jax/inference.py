@@ -1,8 +1,9 @@
 """Multi-turn editing with a trained run: one compiled function per turn, the memory in and out.
 
-  session = EditSession.from_run("runs/toy/distill", source_uint8)
+  session = EditSession.from_run("checkpoints/toy/distill", source_uint8)   # or a run directory
   img = session.edit("make the red circle blue")      # uint8 [R,R,3]
-  session.save("s.npz"); session = EditSession.load("s.npz")
+  session.save("s.npz")
+  session = EditSession.load("s.npz", *checkpoint.load_params("checkpoints/toy/distill")[:3])
 
 `edit_turn` samples the new turn (the 4-step consistency student, or the N-step Euler teacher with
 classifier-free guidance), writes it into the AnchorMemory and decodes it. It is jitted with the

@@ -380,8 +380,8 @@ def train(cfg, workdir):
     save(step)
   mngr.wait_until_finished()
   mngr.close()
-  if pairs is not None and (not result or step % cfg.train.eval_every):
-    result = run_eval(step)
+  if pairs is not None and not stop and (not result or step % cfg.train.eval_every):
+    result = run_eval(step)  # not after Ctrl-C: whoever interrupts wants the run to stop now
   log.close()
   summary = {"step": step, "train_minutes": train_seconds / 60, **result}
   if jax.process_index() == 0:

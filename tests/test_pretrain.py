@@ -1,8 +1,11 @@
 """Stage 1: the trainer learns, the CLI resumes, full-size configs have the right shapes."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +65,32 @@ def test_cli_trains_then_resumes(tmp_path):
   starts = [json.loads(l) for l in open(wd / "provenance.jsonl")]
   assert [p["start_step"] for p in starts] == [0, 10]
   assert all("--config=configs/pretrain.py:smoke" in p["command"] for p in starts)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops_without_evaluating(tmp_path):
+  """SIGINT finishes the step in flight, saves it and exits at once (no final evaluation); the
+  same command resumes from that step."""
+  wd = tmp_path / "run"
+  cmd = [sys.executable, "-m", "anchoredit_jax.train", "--config=configs/pretrain.py:smoke",
+         f"--workdir={wd}", "--config.train.steps=100000", "--config.train.log_every=1",
+         "--config.train.eval_every=100000"]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  def logged_steps():
+    path = wd / "metrics.jsonl"
+    return [json.loads(l)["step"] for l in open(path)] if path.exists() else []
+
+  deadline = time.time() + 240
+  while time.time() < deadline and max(logged_steps(), default=0) < 3:
+    time.sleep(1)
+  p.send_signal(signal.SIGINT)
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode == 0, out[-2000:]
+  step = int(re.search(r"interrupted at step (\d+)", out).group(1))
+  rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+  assert step >= 3 and not [r for r in rows if r["kind"] == "eval"]
+  again = _train_cli(wd, f"--config.train.steps={step + 2}", "--config.eval.pairs=0")
+  assert again.returncode == 0 and f"at step {step}" in again.stdout + again.stderr, again.stderr[-2000:]
 
 
 def test_cli_refuses_workdir_of_another_config(tmp_path):
