@@ -35,3 +35,4 @@ def test_readme_examples_run_as_written(tmp_path):
     assert p.returncode == 0, f"README {lang} example failed:\n{code}\n{p.stderr[-2000:]}"
   assert sorted(os.listdir(tmp_path / "out"))[:3] == ["session.json", "session.npz", "strip.png"]
   assert (tmp_path / "out" / "turn_02.png").exists() and (tmp_path / "session.npz").exists()
+  assert (tmp_path / "curves.png").exists() and (tmp_path / "samples.png").exists()
