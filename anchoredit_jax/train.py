@@ -282,6 +282,19 @@ def _finished_summary(workdir, cfg, step):
   return summary if summary.get("step") == step and (step >= cfg.train.steps or spent) else None
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+INTERRUPTED_EXIT = 75  # stopped by a signal after saving its step: rerun the same command to resume
+
+
+class Interrupted(Exception):
+  """A run stopped by SIGINT/SIGTERM after saving the step it was on."""
+
+  def __init__(self, step, signal_name):
+    super().__init__(f"{signal_name} at step {step}: saved a checkpoint of that step; rerun the "
+                     "same command to resume")
+    self.step = step
+
+
 def train(cfg, workdir):
   workdir = os.path.abspath(workdir)
   if is_reference(workdir):
@@ -347,10 +360,10 @@ def train(cfg, workdir):
              disable=jax.process_index() != 0)
   step, result, t_log, n_log = start, {}, time.perf_counter(), 0
   metrics = None
-  # Ctrl-C finishes the step in flight, then saves a checkpoint (the state is donated to each
-  # step, so interrupting one midway would lose it).
+  # Ctrl-C or SIGTERM (a preemption, scancel) finishes the step in flight, then saves a
+  # checkpoint (the state is donated to each step, so interrupting one midway would lose it).
   stop = []
-  old_handler = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+  old_handlers = {s: signal.signal(s, lambda num, _: stop.append(num)) for s in STOP_SIGNALS}
   while step < cfg.train.steps and not (budget and train_seconds >= budget) and not stop:
     t0 = time.perf_counter()
     state, metrics = trainer.step(state, next(data_it), key)
@@ -373,15 +386,17 @@ def train(cfg, workdir):
       bar.write(f"step {step} ({train_seconds / 60:.1f} min): " +
                 ", ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.startswith("copy_")))
   bar.close()
-  signal.signal(signal.SIGINT, old_handler)
-  if stop:
-    say(f"interrupted at step {step}; saved a checkpoint, rerun the same command to resume")
+  for s, h in old_handlers.items():
+    signal.signal(s, h)
   if mngr.latest_step() != step:
     save(step)
   mngr.wait_until_finished()
   mngr.close()
-  if pairs is not None and not stop and (not result or step % cfg.train.eval_every):
-    result = run_eval(step)  # not after Ctrl-C: whoever interrupts wants the run to stop now
+  if stop:  # no final evaluation and no summary: whoever interrupts wants the run to stop now
+    log.close()
+    raise Interrupted(step, signal.Signals(stop[0]).name)
+  if pairs is not None and (not result or step % cfg.train.eval_every):
+    result = run_eval(step)
   log.close()
   summary = {"step": step, "train_minutes": train_seconds / 60, **result}
   if jax.process_index() == 0:
@@ -413,6 +428,9 @@ def main():
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
       print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
       sys.exit(2)
+    except Interrupted as e:
+      print(f"interrupted: {e}", file=sys.stderr)
+      sys.exit(INTERRUPTED_EXIT)
     except jax.errors.JaxRuntimeError as e:  # e.g. a peer process died or never came up
       print(f"error (process {jax.process_index()}): {str(e).splitlines()[0][:300]}", file=sys.stderr)
       sys.exit(3)

@@ -67,9 +67,10 @@ def test_cli_trains_then_resumes(tmp_path):
   assert all("--config=configs/pretrain.py:smoke" in p["command"] for p in starts)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_stops_without_evaluating(tmp_path):
-  """SIGINT finishes the step in flight, saves it and exits at once (no final evaluation); the
-  same command resumes from that step."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_and_stops_without_evaluating(tmp_path, sig):
+  """SIGINT (Ctrl-C) and SIGTERM (a preemption) finish the step in flight, save it and exit at
+  once with status 75 (no final evaluation, no summary); the same command resumes from there."""
   wd = tmp_path / "run"
   cmd = [sys.executable, "-m", "anchoredit_jax.train", "--config=configs/pretrain.py:smoke",
          f"--workdir={wd}", "--config.train.steps=100000", "--config.train.log_every=1",
@@ -83,12 +84,13 @@ def test_ctrl_c_saves_a_checkpoint_and_stops_without_evaluating(tmp_path):
   deadline = time.time() + 240
   while time.time() < deadline and max(logged_steps(), default=0) < 3:
     time.sleep(1)
-  p.send_signal(signal.SIGINT)
+  p.send_signal(sig)
   out = p.communicate(timeout=120)[0]
-  assert p.returncode == 0, out[-2000:]
-  step = int(re.search(r"interrupted at step (\d+)", out).group(1))
+  assert p.returncode == 75, out[-2000:]
+  step = int(re.search(rf"interrupted: {sig.name} at step (\d+): saved a checkpoint", out).group(1))
   rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
   assert step >= 3 and not [r for r in rows if r["kind"] == "eval"]
+  assert not (wd / "summary.json").exists()
   again = _train_cli(wd, f"--config.train.steps={step + 2}", "--config.eval.pairs=0")
   assert again.returncode == 0 and f"at step {step}" in again.stdout + again.stderr, again.stderr[-2000:]
 
