@@ -192,8 +192,7 @@ def compile_stage(cfg, devices, mesh_override: dict) -> dict:
   mesh = sh.make_mesh(dict(cfg.mesh), devices)
   tr = Trainer(cfg, mesh)
   tr.check_batch()
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       tr.abstract_state, tr.state_sh)
+  state = sh.placed(tr.abstract_state, tr.state_sh)
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=tr.replicated)
   out = {"stage": cfg.stage, "mesh": dict(mesh.shape), "model_flops": model_flops(cfg)}

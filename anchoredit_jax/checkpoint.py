@@ -92,9 +92,7 @@ def load_params(workdir, step=None, mesh=None):
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints yet")
     mesh = mesh or sh.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
     graphdef, abstract = abstract_split(cfg.model)
-    rules = tuple(tuple(r) for r in cfg.sharding.rules)
-    target = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                     abstract, sh.param_shardings(abstract, mesh, rules))}
+    target = {"params": sh.placed(abstract, sh.param_shardings(abstract, mesh, sh.config_rules(cfg)))}
     restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)
     state = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]

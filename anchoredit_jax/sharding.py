@@ -86,6 +86,16 @@ def param_shardings(abstract_state, mesh, rules):
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def placed(abstract, shardings):
+  """ShapeDtypeStructs of an abstract tree with these shardings (a restore or compile target)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def config_rules(cfg) -> tuple:
+  """The logical-axis rules of a config (cfg.sharding.rules) as tuples."""
+  return tuple(tuple(r) for r in cfg.sharding.rules)
+
+
 @contextlib.contextmanager
 def use_mesh(mesh, rules):
   """Activate a mesh and rules for `constrain` (and jax's own mesh context) inside the block."""

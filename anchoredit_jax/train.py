@@ -97,7 +97,7 @@ class Trainer:
     check_config(cfg)
     self.cfg, self.stage = cfg, STAGES[cfg.stage]
     self.mesh = mesh or sh.make_mesh(dict(cfg.mesh))
-    self.rules = tuple(tuple(r) for r in cfg.sharding.rules)
+    self.rules = sh.config_rules(cfg)
     self.tx = make_optimizer(cfg.optim, cfg.train.steps, frozen_parts(cfg.model))
     self.graphdef, abs_params = abstract_split(cfg.model)
     param_sh = sh.param_shardings(abs_params, self.mesh, self.rules)
@@ -321,8 +321,7 @@ def train(cfg, workdir):
       state = trainer.init_state(jax.random.fold_in(key, 0))
     start = 0
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          trainer.abstract_state, trainer.state_sh)
+    target = sh.placed(trainer.abstract_state, trainer.state_sh)
     restored = mngr.restore(start, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
     state = restored["state"]
