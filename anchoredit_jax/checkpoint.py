@@ -3,9 +3,13 @@
 Two kinds of directory hold a model: a training run (config.json + orbax checkpoints/, made by
 `anchoredit_jax.train`) and a reference checkpoint (config.json + params.safetensors + meta.json,
 made from a run by `anchoredit_jax.export`). `load_params` reads either.
+
+A run's checkpoints carry checksums of their arrays (`save_step`); `restore_newest` verifies them
+and falls back to the newest intact older step when the newest is damaged.
 """
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -13,7 +17,7 @@ import orbax.checkpoint as ocp
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from anchoredit_jax import sharding as sh
+from anchoredit_jax import distributed, integrity, sharding as sh
 from anchoredit_jax.models.model import abstract_split
 from configs.common import model_config
 
@@ -55,6 +59,12 @@ def load_reference(path):
   cfg = load_config(path)
   graphdef, abstract = abstract_split(cfg.model)
   file = os.path.join(path, REFERENCE_PARAMS)
+  with open(os.path.join(path, "meta.json")) as f:
+    meta = json.load(f)
+  digest = meta.get("params_sha256")  # absent in exports made before it was recorded
+  if digest and os.path.exists(file) and integrity.file_sha256(file) != digest:
+    raise ValueError(f"{file} is damaged: its SHA-256 differs from the one in meta.json; "
+                     "re-download or re-export it")
   try:
     arrays = load_file(file)
   except (SafetensorError, OSError, ValueError) as e:
@@ -72,9 +82,7 @@ def load_reference(path):
   leaves, treedef = jax.tree_util.tree_flatten(abstract)
   params = jax.tree_util.tree_unflatten(
       treedef, [jax.numpy.asarray(arrays[k], a.dtype) for k, a in zip(expect, leaves)])
-  with open(os.path.join(path, "meta.json")) as f:
-    step = json.load(f).get("step")
-  return cfg, graphdef, params, step
+  return cfg, graphdef, params, meta.get("step")
 
 
 def load_params(workdir, step=None, mesh=None):
@@ -95,7 +103,108 @@ def load_params(workdir, step=None, mesh=None):
     target = {"params": sh.placed(abstract, sh.param_shardings(abstract, mesh, sh.config_rules(cfg)))}
     restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)
-    state = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(state=restore, extra=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds on damaged files)
+      raise ValueError(f"checkpoint {step} of {workdir} cannot be read ({_short(e)}); resume the "
+                       "run (python -m anchoredit_jax.train) to fall back to an intact step") from e
   finally:
     mngr.close()
-  return cfg, graphdef, state["params"], step
+  differ = integrity.mismatches(restored["state"], (restored["extra"] or {}).get("checksums", {}))
+  if differ:
+    raise ValueError(f"checkpoint {step} of {workdir} is damaged: {len(differ)} parameter array(s) "
+                     f"differ from their saved checksums (e.g. {differ[0]}); resume the run (python -m "
+                     "anchoredit_jax.train) to move it aside and fall back to an intact step")
+  return cfg, graphdef, restored["state"]["params"], step
+
+
+def save_step(mngr, step, state, extra: dict):
+  """Save `state` and the JSON `extra` as `step`, with the checksums of every array of the state."""
+  extra = {**extra, "checksums": integrity.tree_checksums(state)}
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          extra=ocp.args.JsonSave(extra)), force=True)
+
+
+class Damaged(Exception):
+  """A checkpoint that cannot be restored, or restores to other bits than it was saved with."""
+
+
+def _short(e) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def _saved_keys(mngr, step):
+  """The top-level keys of the saved state of `step`, or None if its metadata cannot be read."""
+  try:
+    tree = mngr.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    return set(tree) if tree else None
+  except Exception:  # noqa: BLE001  (a damaged checkpoint fails in many ways; it is then restored to see)
+    return None
+
+
+def restore_step(mngr, step, target: dict, optional=()):
+  """(state, extra) of `step`, verified against its checksums and for finite parameters. Keys of
+  `target` named in `optional` that the checkpoint lacks (written before they existed) are left
+  out of the returned state. Raises Damaged with the reason."""
+  keys = _saved_keys(mngr, step)
+  if keys is not None:
+    target = {k: v for k, v in target.items() if k in keys or k not in optional}
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds on damaged files)
+    raise Damaged(f"cannot be read: {_short(e)}") from e
+  state, extra = restored["state"], restored["extra"]
+  if extra is None:
+    raise Damaged("its extra/ item (data position, checksums) is missing")
+  differ = integrity.mismatches(state, extra.get("checksums", {}))
+  if differ:
+    raise Damaged(f"{len(differ)} array(s) differ from the checksums saved with them "
+                  f"(e.g. {differ[0]}): the files were changed after they were written")
+  bad = integrity.nonfinite(state["params"])
+  if bad:
+    raise Damaged(f"{len(bad)} parameter array(s) hold NaN/Inf (e.g. {bad[0]})")
+  return state, extra
+
+
+def restore_newest(mngr, workdir, target: dict, optional=()):
+  """(step, state, extra) of the newest intact checkpoint of the run in `workdir`, or None if it
+  has none. Damaged newer ones are named in one line each and moved to <workdir>/damaged/ (kept,
+  not deleted) so the run can write those steps again; if every checkpoint is damaged nothing is
+  moved and ValueError names them."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  damaged = []
+  for step in steps:
+    try:
+      state, extra = restore_step(mngr, step, target, optional)
+    except Damaged as e:
+      damaged.append((step, str(e)))
+      continue
+    for bad, why in damaged:
+      dst = _move_aside(workdir, bad)
+      distributed.say(f"checkpoint {bad} of {workdir} is damaged ({why}); moved it to {dst} and "
+                      f"resumed from step {step}, the newest intact one")
+    if damaged:
+      mngr.reload()
+    return step, state, extra
+  if damaged:
+    bad, why = damaged[0]
+    raise ValueError(f"no intact checkpoint in {workdir}/checkpoints: step {bad}: {why}" +
+                     (f"; and {len(damaged) - 1} older ones are damaged too" if len(damaged) > 1 else "") +
+                     "; move that checkpoints/ folder away to start the run over")
+  return None
+
+
+def _move_aside(workdir, step) -> str:
+  src = os.path.join(workdir, "checkpoints", str(step))
+  dst = os.path.join(workdir, "damaged", str(step))
+  n = 1
+  while os.path.exists(dst):
+    dst, n = os.path.join(workdir, "damaged", f"{step}.{n}"), n + 1
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+  distributed.barrier(f"moved checkpoint {step}")
+  return dst

@@ -12,6 +12,7 @@ heartbeat timeout bounds how long the survivors wait before they stop with an er
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def cluster() -> str | None:
@@ -54,3 +55,9 @@ def say(*args):
   """print, from process 0 only (every process runs the same program)."""
   if jax.process_index() == 0:
     print(*args, flush=True)
+
+
+def barrier(name: str):
+  """Wait until every process gets here (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

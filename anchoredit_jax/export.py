@@ -3,7 +3,7 @@
   python -m anchoredit_jax.export --run runs/toy/distill --out checkpoints/toy/distill
 
 Writes params.safetensors (the parameters as float16, or --dtype float32), the run's config.json,
-meta.json (stage, step, training minutes, final evaluation, the commands and git commits that
+meta.json (stage, step, the SHA-256 of params.safetensors, training minutes, final evaluation, the commands and git commits that
 trained it, read from the run's provenance.jsonl), train.log (the run's log with progress-bar
 redraws collapsed) and metrics.jsonl. `checkpoint.load_params` reads it back as float32. The
 directory appears only when every file is written.
@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 from safetensors.numpy import save_file
 
-from anchoredit_jax import cli
+from anchoredit_jax import cli, integrity
 from anchoredit_jax.checkpoint import REFERENCE_PARAMS, flat_params, load_params
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -62,6 +62,7 @@ def export(run, out, *, dtype="float16", log=None, provenance=None):
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
     save_file(cast, os.path.join(tmp, REFERENCE_PARAMS))
+    meta["params_sha256"] = integrity.file_sha256(os.path.join(tmp, REFERENCE_PARAMS))
     shutil.copy(os.path.join(run, "config.json"), tmp)
     if os.path.exists(os.path.join(run, "metrics.jsonl")):
       shutil.copy(os.path.join(run, "metrics.jsonl"), tmp)

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from anchoredit_jax import distributed, growth, sharding as sh
-from anchoredit_jax.checkpoint import is_reference, load_config
+from anchoredit_jax.checkpoint import is_reference, load_config, restore_newest, save_step
 from anchoredit_jax.data import pipeline, text_store
 from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.distributed import say
@@ -128,8 +128,11 @@ class Trainer:
     return text_store.load(path, self.cfg.model)
 
   def _fresh(self, params):
-    """{params, opt_state, step[, aux]}: a new state around `params`."""
-    state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    """{params, opt_state, step, nonfinite[, aux]}: a new state around `params`. nonfinite
+    counts the steps whose update was skipped: {total, streak (consecutive, up to now)}."""
+    zero = jnp.zeros((), jnp.int32)
+    state = {"params": params, "opt_state": self.tx.init(params), "step": zero,
+             "nonfinite": {"total": zero, "streak": zero}}
     if hasattr(self.stage, "init_aux"):
       state["aux"] = self.stage.init_aux(params, self.cfg)
     return state
@@ -146,10 +149,18 @@ class Trainer:
     (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux, store=store)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.tree.norm(grads)
-    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-           "step": state["step"] + 1}
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
     if aux:
       new["aux"] = self.stage.update_aux(state["aux"], new["params"], self.cfg)
+    # A NaN/Inf loss or gradient skips the update (parameters, optimizer, EMA stay as they were)
+    # and is counted; the loop stops the run after train.max_nonfinite such steps in a row.
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {k: state[k] for k in new})
+    bad = state["nonfinite"]
+    new["nonfinite"] = {"total": bad["total"] + (~ok), "streak": jnp.where(ok, 0, bad["streak"] + 1)}
+    new["step"] = state["step"] + 1
+    metrics["nonfinite_steps"] = new["nonfinite"]["total"]
+    metrics["nonfinite_streak"] = new["nonfinite"]["streak"]
     return new, metrics
 
   def check_batch(self):
@@ -206,15 +217,39 @@ def eval_pairs(cfg):
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def _drop_rows_after(path, step):
+  """Rewrite the JSON-lines file `path` without its rows of steps > `step` (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if line.strip() and _row_step(line) <= step]
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def _row_step(line) -> float:
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):  # a row cut off by a crash mid-write
+    return float("inf")
+
+
 class MetricLog:
   """metrics.jsonl + TensorBoard; only process 0 writes."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, start=0):
+    """Rows after `start` (the step resumed from) left by an earlier, interrupted attempt are
+    dropped, so metrics.jsonl has one row per step and kind."""
     self.on = jax.process_index() == 0
     if self.on:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-      self.f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start or None)
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_rows_after(path, start)
+      self.f = open(path, "a")
 
   def write(self, step, kind, values):
     if not self.on:
@@ -295,6 +330,10 @@ class Interrupted(Exception):
     self.step = step
 
 
+class Diverged(ValueError):
+  """train.max_nonfinite steps in a row had a NaN/Inf loss or gradient norm."""
+
+
 def train(cfg, workdir):
   workdir = os.path.abspath(workdir)
   if is_reference(workdir):
@@ -305,28 +344,35 @@ def train(cfg, workdir):
   trainer.check_batch()
   key = jax.random.key(cfg.seed)
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints))
+                               options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints),
+                               item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                              "extra": ocp.JsonCheckpointHandler()})
   data_it = iter(make_data(cfg))
-  start = mngr.latest_step()
   train_seconds = 0.0
-  done = _finished_summary(workdir, cfg, start)
+  done = _finished_summary(workdir, cfg, mngr.latest_step())
   if done is not None:
     mngr.close()
-    say(f"{workdir} already finished at step {start}; delete its summary.json to re-evaluate")
+    say(f"{workdir} already finished at step {done['step']}; delete its summary.json to re-evaluate")
     return done
-  if start is None:
+  target = sh.placed(trainer.abstract_state, trainer.state_sh)
+  try:
+    found = restore_newest(mngr, workdir, target, optional=("nonfinite",))
+  except ValueError:
+    mngr.close()
+    raise
+  if found is None:
     if cfg.get("init_from"):
       state = trainer.with_params(growth.load_init(cfg, trainer.mesh, trainer.rules))
     else:
       state = trainer.init_state(jax.random.fold_in(key, 0))
     start = 0
   else:
-    target = sh.placed(trainer.abstract_state, trainer.state_sh)
-    restored = mngr.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
-    state = restored["state"]
-    pipeline.restore_iterator_state(data_it, restored["extra"]["data"])
-    train_seconds = restored["extra"]["train_seconds"]
+    start, state, extra = found
+    if "nonfinite" not in state:  # saved before the count existed
+      state["nonfinite"] = jax.device_put(jax.tree.map(jnp.zeros_like, trainer.abstract_state["nonfinite"]),
+                                          trainer.replicated)
+    pipeline.restore_iterator_state(data_it, extra["data"])
+    train_seconds = extra["train_seconds"]
     say(f"resuming {workdir} at step {start} ({train_seconds / 60:.1f} training minutes so far)")
   record_provenance(workdir, start)
   if trainer.text_store is not None:
@@ -335,12 +381,10 @@ def train(cfg, workdir):
         f"stored values to {err:.1e})")
 
   def save(step):
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        extra=ocp.args.JsonSave({"data": pipeline.save_iterator_state(data_it),
-                                 "train_seconds": train_seconds})), force=True)
+    save_step(mngr, step, state, {"data": pipeline.save_iterator_state(data_it),
+                                  "train_seconds": train_seconds})
 
-  log = MetricLog(workdir)
+  log = MetricLog(workdir, start)
   pairs = eval_pairs(cfg) if cfg.eval.pairs else None
   if pairs is not None and jax.process_count() > 1:
     # the evaluators read results back as host arrays, which a multi-process run does not hold
@@ -358,7 +402,7 @@ def train(cfg, workdir):
   bar = tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.stage}", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   step, result, t_log, n_log = start, {}, time.perf_counter(), 0
-  metrics = None
+  metrics, diverged = None, None
   # Ctrl-C or SIGTERM (a preemption, scancel) finishes the step in flight, then saves a
   # checkpoint (the state is donated to each step, so interrupting one midway would lose it).
   stop = []
@@ -374,10 +418,12 @@ def train(cfg, workdir):
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", steps_s=f"{rate:.2f}")
       log.write(step, "train", {**m, "steps_per_s": rate, "train_minutes": train_seconds / 60})
       t_log, n_log = time.perf_counter(), 0
-    else:
-      jax.block_until_ready(metrics)
+    streak = int(metrics["nonfinite_streak"])  # waits for the step, as the loop always has
     train_seconds += time.perf_counter() - t0
     bar.update(1)
+    if streak >= cfg.train.max_nonfinite:
+      diverged = (streak, int(metrics["nonfinite_steps"]))
+      break
     if step % cfg.train.ckpt_every == 0:
       save(step)
     if pairs is not None and step % cfg.train.eval_every == 0:
@@ -387,10 +433,18 @@ def train(cfg, workdir):
   bar.close()
   for s, h in old_handlers.items():
     signal.signal(s, h)
-  if mngr.latest_step() != step:
+  if mngr.latest_step() != step and not diverged:
     save(step)
   mngr.wait_until_finished()
+  kept = mngr.latest_step()
   mngr.close()
+  if diverged:
+    log.close()
+    streak, total = diverged
+    raise Diverged(f"the loss or gradient norm was NaN/Inf at steps {step - streak + 1}-{step} "
+                   f"({total} such steps in all; their updates were skipped, so the newest "
+                   f"checkpoint, step {kept}, holds finite parameters): lower --config.optim.lr "
+                   f"(now {cfg.optim.lr:g}) or check the data, then rerun")
   if stop:  # no final evaluation and no summary: whoever interrupts wants the run to stop now
     log.close()
     raise Interrupted(step, signal.Signals(stop[0]).name)

@@ -36,7 +36,8 @@ def get_config(arg=None):
       lr=1e-3, warmup_steps=200, end_lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.99, clip=1.0))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, steps=9000, minutes=60.0, log_every=50, ckpt_every=500, eval_every=750,
-      keep_checkpoints=2))
+      keep_checkpoints=2,
+      max_nonfinite=10))  # stop after this many steps in a row with a NaN/Inf loss (each skipped)
   # evaluator: what the loop measures (anchoredit_jax/eval/evaluators.py)
   c.eval = ml_collections.ConfigDict(dict(
       evaluator="single_turn", pairs=256, batch_size=64, steps=20, guidance=2.0, shift=3.0, seed=0))

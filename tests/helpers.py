@@ -1,5 +1,8 @@
 """Small shared pieces for tests."""
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -9,6 +12,16 @@ from flax import nnx
 from anchoredit_jax import sharding as sh
 from anchoredit_jax.models.model import build
 from configs import common, pretrain
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_cli(workdir, *extra, config="configs/pretrain.py:smoke"):
+  """`python -m anchoredit_jax.train` in a subprocess on one CPU device; the CompletedProcess."""
+  cmd = [sys.executable, "-m", "anchoredit_jax.train", f"--config={config}", f"--workdir={workdir}", *extra]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def tiny_model(**overrides) -> ml_collections.ConfigDict:

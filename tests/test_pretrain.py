@@ -18,10 +18,7 @@ from anchoredit_jax.eval import evaluators
 from anchoredit_jax.models.dit import CausalDiT
 from anchoredit_jax.train import Trainer, eval_pairs, make_data
 from configs import common
-from tests.helpers import one_device_mesh, smoke_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from tests.helpers import ROOT, one_device_mesh, smoke_config, train_cli
 
 def test_smoke_model_beats_copying_the_source_on_edited_region():
   """A few hundred steps are enough to beat returning the source on held-out edits."""
@@ -40,18 +37,11 @@ def test_smoke_model_beats_copying_the_source_on_edited_region():
   assert res["edit_psnr"] > res["copy_edit_psnr"], res
 
 
-def _train_cli(workdir, *extra):
-  cmd = [sys.executable, "-m", "anchoredit_jax.train", "--config=configs/pretrain.py:smoke",
-         f"--workdir={workdir}", *extra]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_cli_trains_then_resumes(tmp_path):
   wd = tmp_path / "run"
-  first = _train_cli(wd, "--config.train.steps=10")
+  first = train_cli(wd, "--config.train.steps=10")
   assert first.returncode == 0, first.stderr[-2000:]
-  second = _train_cli(wd, "--config.train.steps=20")
+  second = train_cli(wd, "--config.train.steps=20")
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resuming" in second.stdout + second.stderr and "at step 10" in second.stdout + second.stderr
   rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
@@ -59,7 +49,7 @@ def test_cli_trains_then_resumes(tmp_path):
   assert train_steps == sorted(train_steps) and train_steps[-1] == 20 and min(train_steps) == 5
   assert json.load(open(wd / "summary.json"))["step"] == 20
   assert any(f.startswith("events") for f in os.listdir(wd / "tb"))
-  third = _train_cli(wd, "--config.train.steps=20")  # nothing left: no retraining, no re-evaluation
+  third = train_cli(wd, "--config.train.steps=20")  # nothing left: no retraining, no re-evaluation
   assert third.returncode == 0 and "already finished at step 20" in third.stdout, third.stderr[-2000:]
   assert json.loads(third.stdout.strip().splitlines()[-1]) == json.load(open(wd / "summary.json"))
   starts = [json.loads(l) for l in open(wd / "provenance.jsonl")]
@@ -91,19 +81,19 @@ def test_a_signal_saves_a_checkpoint_and_stops_without_evaluating(tmp_path, sig)
   rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
   assert step >= 3 and not [r for r in rows if r["kind"] == "eval"]
   assert not (wd / "summary.json").exists()
-  again = _train_cli(wd, f"--config.train.steps={step + 2}", "--config.eval.pairs=0")
+  again = train_cli(wd, f"--config.train.steps={step + 2}", "--config.eval.pairs=0")
   assert again.returncode == 0 and f"at step {step}" in again.stdout + again.stderr, again.stderr[-2000:]
 
 
 def test_cli_refuses_workdir_of_another_config(tmp_path):
   wd = tmp_path / "run"
-  assert _train_cli(wd, "--config.train.steps=2", "--config.eval.pairs=0").returncode == 0
-  other = _train_cli(wd, "--config.model.dim=48", "--config.eval.pairs=0")
+  assert train_cli(wd, "--config.train.steps=2", "--config.eval.pairs=0").returncode == 0
+  other = train_cli(wd, "--config.model.dim=48", "--config.eval.pairs=0")
   assert other.returncode != 0
   err = other.stderr.strip().splitlines()
   assert err and err[-1].startswith("error:") and "different model config" in err[-1]
   # how the model computes may change on resume (the parameters are the same): remat, kernel, dtype
-  same = _train_cli(wd, "--config.train.steps=3", "--config.model.remat=dots", "--config.eval.pairs=0")
+  same = train_cli(wd, "--config.train.steps=3", "--config.model.remat=dots", "--config.eval.pairs=0")
   assert same.returncode == 0 and "resuming" in same.stdout + same.stderr, same.stderr[-2000:]
 
 

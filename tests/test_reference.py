@@ -24,7 +24,7 @@ def test_reference_checkpoint_fits_its_config(stage):
   assert sum(a.size for a in leaves) > 1_000_000
   with open(os.path.join(path, "meta.json")) as f:
     meta = json.load(f)
-  assert meta["step"] == step and meta["stage"] == stage
+  assert meta["step"] == step and meta["stage"] == stage and len(meta["params_sha256"]) == 64
   assert meta["provenance"] and all(p["command"] and p["commit"] for p in meta["provenance"])
   assert f"configs/{stage}.py" in meta["provenance"][-1]["command"]
   assert os.path.getsize(os.path.join(path, "train.log")) > 0
@@ -44,7 +44,17 @@ def test_broken_reference_copies_give_one_line_errors(tmp_path):
   with pytest.raises(ValueError, match="exported from another model config"):
     load_params(str(bad))
   shutil.copy(os.path.join(ROOT, "distill", "config.json"), bad / "config.json")
+  with open(bad / "params.safetensors", "r+b") as f:  # one flipped bit, deep in the data
+    f.seek(os.path.getsize(bad / "params.safetensors") // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 4]))
+  with pytest.raises(ValueError, match="params.safetensors is damaged: its SHA-256 differs"):
+    load_params(str(bad))
   with open(bad / "params.safetensors", "r+b") as f:
     f.truncate(1000)
+  meta = json.loads((bad / "meta.json").read_text())
+  del meta["params_sha256"]  # as in exports made before it was recorded: safetensors notices
+  (bad / "meta.json").write_text(json.dumps(meta))
   with pytest.raises(ValueError, match="could not be read"):
     load_params(str(bad))
