@@ -18,8 +18,25 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from anchoredit_jax import distributed, integrity, sharding as sh
+from anchoredit_jax.errors import short
 from anchoredit_jax.models.model import abstract_split
 from configs.common import model_config
+
+
+# model fields that change how the model computes, not what its parameters are: a run may resume,
+# or a stage start from one, with other values of these (another attention kernel on another device)
+COMPUTE_ONLY = ("attention_kernel", "remat", "dtype")
+
+
+# model fields added after runs were already made, with the value those runs had without them
+ADDED_FIELDS = {"copy_gate": False, "gate_from": "prev", "rope_stride": 1}
+
+
+def parameter_fields(model_cfg) -> dict:
+  """The model config's fields that decide its parameters or what it has learned (all but
+  COMPUTE_ONLY), as plain JSON; fields a config predates get the value it ran with."""
+  fields = {**ADDED_FIELDS, **json.loads(model_cfg.to_json())}
+  return {k: v for k, v in fields.items() if k not in COMPUTE_ONLY}
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
@@ -27,11 +44,34 @@ def load_config(workdir) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training run directory "
                             "(make one with python -m anchoredit_jax.train --workdir=...)")
-  with open(path) as f:
-    cfg = json.load(f)
-  # model fields added since the run was made take their preset default
-  cfg["model"] = {**json.loads(model_config(cfg.get("preset", "toy")).to_json()), **cfg.get("model", {})}
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+    # model fields added since the run was made take their preset default
+    cfg["model"] = {**json.loads(model_config(cfg.get("preset", "toy")).to_json()), **cfg.get("model", {})}
+  except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a config's shape
+    raise ValueError(f"{path} is not a valid config ({short(e, 120)}); restore it from the run "
+                     "or the repository") from e
+  m = cfg["model"]
+  if not (isinstance(m.get("dim"), int) and isinstance(m.get("heads"), int) and m["heads"] > 0
+          and m["dim"] % m["heads"] == 0):
+    raise ValueError(f"{path}: model.dim={m.get('dim')} is not divisible by model.heads="
+                     f"{m.get('heads')}; restore the file from the run or the repository")
   return ml_collections.ConfigDict(cfg)
+
+
+def check_model_fields(where, cfg, saved, *, against="its config.json",
+                       fix="config.json was edited after the fact: restore it"):
+  """Raise if the parameter fields `saved` with the weights differ from those of `cfg` (e.g.
+  heads, which no array's shape shows). `saved` is None for files written before it was kept."""
+  if saved is None:
+    return
+  now = parameter_fields(cfg.model)
+  differ = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+  if differ:
+    k, more = differ[0], (f" (and {len(differ) - 1} more fields)" if len(differ) > 1 else "")
+    raise ValueError(f"{where} was saved with model.{k}={saved.get(k)!r}, {against} has "
+                     f"{now.get(k)!r}{more}; {fix}")
 
 
 REFERENCE_PARAMS = "params.safetensors"
@@ -68,7 +108,7 @@ def load_reference(path):
   try:
     arrays = load_file(file)
   except (SafetensorError, OSError, ValueError) as e:
-    raise ValueError(f"{file} could not be read ({str(e).splitlines()[0][:100]}); "
+    raise ValueError(f"{file} could not be read ({short(e, 160)}); "
                      "re-download or re-export it") from e
   expect = flat_params(abstract)
   missing, extra = sorted(set(expect) - set(arrays)), sorted(set(arrays) - set(expect))
@@ -82,6 +122,7 @@ def load_reference(path):
   leaves, treedef = jax.tree_util.tree_flatten(abstract)
   params = jax.tree_util.tree_unflatten(
       treedef, [jax.numpy.asarray(arrays[k], a.dtype) for k, a in zip(expect, leaves)])
+  check_model_fields(path, cfg, meta.get("model"))
   return cfg, graphdef, params, meta.get("step")
 
 
@@ -93,6 +134,9 @@ def load_params(workdir, step=None, mesh=None):
   if is_reference(workdir):
     return load_reference(workdir)
   cfg = load_config(workdir)
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # (the manager would make one)
+    raise FileNotFoundError(f"{workdir} holds a config.json but neither {REFERENCE_PARAMS} nor "
+                            "checkpoints/: point at a training run or a reference checkpoint")
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
   try:  # closed on failure too: a manager left open prints a traceback at interpreter exit
     step = mngr.latest_step() if step is None else step
@@ -100,17 +144,25 @@ def load_params(workdir, step=None, mesh=None):
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints yet")
     mesh = mesh or sh.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
     graphdef, abstract = abstract_split(cfg.model)
+    try:  # the JSON first: a config.json edited since shows as such, not as unreadable arrays
+      extra = mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"] or {}
+    except Exception:  # noqa: BLE001  (read again below, with the arrays, and reported there)
+      extra = {}
+    check_model_fields(f"{workdir} step {step}", cfg, extra.get("model"))
     target = {"params": sh.placed(abstract, sh.param_shardings(abstract, mesh, sh.config_rules(cfg)))}
     restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(state=restore, extra=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds on damaged files)
-      raise ValueError(f"checkpoint {step} of {workdir} cannot be read ({_short(e)}); resume the "
-                       "run (python -m anchoredit_jax.train) to fall back to an intact step") from e
+      fit = "" if extra.get("model") else "does not fit its config.json or "
+      raise ValueError(f"checkpoint {step} of {workdir} {fit}cannot be read ({short(e, 160)}); "
+                       "resume the run (python -m anchoredit_jax.train) to fall back to an intact "
+                       "step") from e
   finally:
     mngr.close()
-  differ = integrity.mismatches(restored["state"], (restored["extra"] or {}).get("checksums", {}))
+  extra = restored["extra"] or {}
+  differ = integrity.mismatches(restored["state"], extra.get("checksums", {}))
   if differ:
     raise ValueError(f"checkpoint {step} of {workdir} is damaged: {len(differ)} parameter array(s) "
                      f"differ from their saved checksums (e.g. {differ[0]}); resume the run (python -m "
@@ -120,6 +172,12 @@ def load_params(workdir, step=None, mesh=None):
 
 def save_step(mngr, step, state, extra: dict):
   """Save `state` and the JSON `extra` as `step`, with the checksums of every array of the state."""
+  directory = os.fspath(mngr.directory)
+  need = sum(x.nbytes for x in jax.tree.leaves(state))  # orbax compresses: an upper bound
+  if os.path.isdir(directory) and shutil.disk_usage(directory).free < need:  # local disks only
+    raise ValueError(f"No space left on device: the checkpoint of step {step} needs up to "
+                     f"{need / 2**20:.0f} MiB and {shutil.disk_usage(directory).free / 2**20:.0f} "
+                     f"MiB are free in {directory}")
   extra = {**extra, "checksums": integrity.tree_checksums(state)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           extra=ocp.args.JsonSave(extra)), force=True)
@@ -127,11 +185,6 @@ def save_step(mngr, step, state, extra: dict):
 
 class Damaged(Exception):
   """A checkpoint that cannot be restored, or restores to other bits than it was saved with."""
-
-
-def _short(e) -> str:
-  text = " ".join(str(e).split()) or type(e).__name__
-  return text[:160] + ("..." if len(text) > 160 else "")
 
 
 def _saved_keys(mngr, step):
@@ -155,7 +208,7 @@ def restore_step(mngr, step, target: dict, optional=()):
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
   except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds on damaged files)
-    raise Damaged(f"cannot be read: {_short(e)}") from e
+    raise Damaged(f"cannot be read: {short(e, 160)}") from e
   state, extra = restored["state"], restored["extra"]
   if extra is None:
     raise Damaged("its extra/ item (data position, checksums) is missing")

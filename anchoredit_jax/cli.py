@@ -1,7 +1,31 @@
 """What the project's commands share."""
+import sys
+
+from absl import flags
+
+from configs.common import config_error
 
 
 def description(doc: str) -> str:
   """A module docstring's first paragraph as one line, for --help (its first line alone may stop
   mid-sentence)."""
   return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def absl_flags_parser(doc: str):
+  """A flags_parser for absl's app.run: --help prints the command's description and its own flags
+  and exits 0; a bad flag or --config is one `error:` line and exit 2 instead of a traceback."""
+  def parse(argv):
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
+      print(f"usage: python -m {sys.modules['__main__'].__spec__.name} [flags]\n\n{description(doc)}\n")
+      print(flags.FLAGS.main_module_help())
+      sys.exit(0)
+    try:
+      rest = flags.FLAGS(argv)
+      for name in flags.FLAGS:  # a config file that failed to load raises when first used
+        hasattr(flags.FLAGS[name].value, "to_json")
+      return rest
+    except (flags.Error, AttributeError, KeyError, OSError) as e:
+      print(f"error: {config_error(e)}", file=sys.stderr, flush=True)
+      sys.exit(2)
+  return parse

@@ -13,6 +13,7 @@ written.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -24,8 +25,9 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-from anchoredit_jax import cli
+from anchoredit_jax import cli, errors
 from anchoredit_jax.checkpoint import load_config
+from anchoredit_jax.data.shapes import referent_notice
 from anchoredit_jax.data.tokenize import tokenize_for
 from anchoredit_jax.inference import EDIT_STAGES, EditSession, Sampler, default_sampler
 
@@ -33,7 +35,8 @@ STRIP_CELL = 128  # pixels per turn in strip.png
 
 
 def load_image(path, res):
-  """-> (uint8 [res,res,3], notices). Grayscale/RGBA are converted and other sizes resized."""
+  """-> (uint8 [res,res,3], notices). 16-bit images are scaled to 8 bits, grayscale/RGBA
+  converted, a non-square image centre-cropped to a square and other sizes resized."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"image {path} not found")
   try:
@@ -42,9 +45,20 @@ def load_image(path, res):
   except (UnidentifiedImageError, OSError) as e:
     raise ValueError(f"image {path} could not be read ({type(e).__name__}); give a PNG or JPEG") from e
   notices = []
+  if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale (PIL reads some as 32-bit "I")
+    wide = np.asarray(img, np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
+    notices.append(f"scaled {img.mode} image from {int(top) + 1} levels to 256")
+    img = Image.fromarray(np.round(np.clip(wide / top, 0, 1) * 255).astype(np.uint8), "L")
   if img.mode != "RGB":
     notices.append(f"converted {img.mode} image to RGB")
     img = img.convert("RGB")
+  w, h = img.size
+  if w != h:
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    notices.append(f"centre-cropped {w}x{h} image to {side}x{side} (the model edits square images)")
+    img = img.crop((left, top, left + side, top + side))
   if img.size != (res, res):
     notices.append(f"resized {img.size[0]}x{img.size[1]} image to {res}x{res}, the model's resolution")
     img = img.resize((res, res), Image.BICUBIC)
@@ -76,7 +90,35 @@ def parse(argv):
   return ap.parse_args(argv)
 
 
+def check_args(args):
+  """Mistakes in the flags alone, before anything is read."""
+  if not args.out.strip():
+    raise ValueError("--out is empty; name the directory to write the turns to")
+  if args.steps < 1:
+    raise ValueError(f"--steps {args.steps}: the teacher needs at least 1 Euler step (default 50)")
+  if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+    raise ValueError(f"--guidance {args.guidance}: give a finite scale >= 0 (1 = no guidance)")
+
+
+def output_dir(out):
+  """A fresh temporary directory beside `out`, made now so an unwritable place fails before any
+  turn is computed; it becomes `out` when every file is in it."""
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ValueError(f"--out {out} exists and is not an empty directory; choose another")
+  parent = os.path.dirname(os.path.abspath(out))
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".edit-", dir=parent)
+  except OSError as e:
+    raise ValueError(f"--out {out} cannot be written ({e.strerror}); choose another directory") from e
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+  return tmp
+
+
 def run(args):
+  check_args(args)
   cfg = load_config(args.checkpoint)
   if cfg.get("stage") not in EDIT_STAGES:
     raise ValueError(f"{args.checkpoint} is a {cfg.get('stage')} run; edit needs a causal (stage 2) "
@@ -88,23 +130,22 @@ def run(args):
   source, notices = load_image(args.image, cfg.data.res)
   for n in notices:
     print(f"notice: {n}", file=sys.stderr)
-  if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
-    raise ValueError(f"--out {args.out} exists and is not an empty directory; choose another")
-
-  sampler = default_sampler(cfg, args.steps)
-  if args.teacher:
-    sampler = Sampler("teacher", args.steps, args.guidance or cfg.eval.guidance, cfg.flow.shift)
-  session = EditSession.from_run(args.checkpoint, source, sampler=sampler, seed=args.seed)
-  seconds = []
-  for text in tqdm(args.instruction, desc="turns", unit="turn"):
-    t0 = time.perf_counter()
-    jax.block_until_ready(session.edit(text))
-    seconds.append(time.perf_counter() - t0)
-
-  parent = os.path.dirname(os.path.abspath(args.out))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".edit-", dir=parent)
+  tmp = output_dir(args.out)
   try:
+    sampler = default_sampler(cfg, args.steps)
+    if args.teacher:
+      guidance = cfg.eval.guidance if args.guidance is None else args.guidance
+      sampler = Sampler("teacher", args.steps, guidance, cfg.flow.shift)
+    session = EditSession.from_run(args.checkpoint, source, sampler=sampler, seed=args.seed)
+    seconds = []
+    bar = tqdm(args.instruction, desc="turns", unit="turn")
+    for i, text in enumerate(bar, 1):
+      notice = referent_notice(text, session.history[-1][1])
+      if notice:
+        bar.write(f"warning: turn {i}: {notice}", file=sys.stderr)
+      t0 = time.perf_counter()
+      jax.block_until_ready(session.edit(text))
+      seconds.append(time.perf_counter() - t0)
     for i, (_, im) in enumerate(session.history):
       Image.fromarray(im).save(os.path.join(tmp, f"turn_{i:02d}.png"))
     strip([h[1] for h in session.history],
@@ -131,11 +172,7 @@ def main(argv=None):
   try:
     run(args)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # os._exit, not sys.exit: after a failed restore, orbax's background threads print tracebacks
-    # at interpreter shutdown, burying the one-line error. Nothing is left to clean up here.
-    os._exit(2)
+    errors.fail(errors.short(e.args[0] if e.args else e, 400))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import tempfile
 import numpy as np
 from safetensors.numpy import save_file
 
-from anchoredit_jax import cli, integrity
-from anchoredit_jax.checkpoint import REFERENCE_PARAMS, flat_params, load_params
+from anchoredit_jax import cli, errors, integrity
+from anchoredit_jax.checkpoint import REFERENCE_PARAMS, flat_params, load_params, parameter_fields
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -54,7 +54,7 @@ def export(run, out, *, dtype="float16", log=None, provenance=None):
     raise ValueError(f"{run} has no provenance.jsonl (runs made before it was recorded); say how "
                      "it was made with --command and --commit")
   meta = {"stage": cfg.get("stage"), "preset": cfg.get("preset"), "step": step, "dtype": dtype,
-          "max_abs_rounding": worst, "source_run": os.path.abspath(run),
+          "model": parameter_fields(cfg.model), "max_abs_rounding": worst, "source_run": os.path.abspath(run),
           "train_minutes": summary.get("train_minutes"), "final_eval": summary,
           "provenance": provenance}
   parent = os.path.dirname(os.path.abspath(out))
@@ -98,8 +98,7 @@ def main(argv=None):
   try:
     meta = export(args.run, args.out, dtype=args.dtype, log=log, provenance=prov)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
-    os._exit(2)
+    errors.fail(errors.short(e.args[0] if e.args else e, 400))
   size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
   print(f"{args.run} step {meta['step']} -> {args.out} ({size / 2 ** 20:.1f} MiB, {args.dtype}, "
         f"largest rounding {meta['max_abs_rounding']:.2e})")

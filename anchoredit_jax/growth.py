@@ -5,31 +5,25 @@ a stage-1 run made without it; a copy gate over a run without one).
 
 Stage 1 may start from a Wan2.1 diffusers folder instead (the video prior).
 """
-import json
-
-from anchoredit_jax.checkpoint import has_model, load_params
+from anchoredit_jax.checkpoint import has_model, load_params, parameter_fields
 from anchoredit_jax.convert import wan
 from anchoredit_jax.distributed import say
 from anchoredit_jax.models.dit import input_channels, output_channels, pad_head, pad_patch_kernel
 from anchoredit_jax.models.model import latent_channels
 
-# model fields that change how the model computes, not what its parameters are: a run may resume,
-# or a stage start from one, with other values of these (another attention kernel on another device)
-COMPUTE_ONLY = ("attention_kernel", "remat", "dtype")
-
-
-# model fields added after runs were already made, with the value those runs had without them
-ADDED_FIELDS = {"copy_gate": False, "gate_from": "prev", "rope_stride": 1}
-
-
-def parameter_fields(model_cfg) -> dict:
-  """The model config's fields that decide its parameters or what it has learned (all but
-  COMPUTE_ONLY), as plain JSON; fields a config predates get the value it ran with."""
-  fields = {**ADDED_FIELDS, **json.loads(model_cfg.to_json())}
-  return {k: v for k, v in fields.items() if k not in COMPUTE_ONLY}
-
-
 PREVIOUS_STAGE = {"causal": "pretrain", "distill": "causal"}
+
+
+def check_init(cfg):
+  """Raise FileNotFoundError, naming both ways out, if cfg.init_from holds no model to start from."""
+  src, prev = cfg.get("init_from"), PREVIOUS_STAGE.get(cfg.stage, "pretrain")
+  if not src or wan.is_wan_pipeline(src) or has_model(src):
+    return
+  ref = f"checkpoints/{cfg.preset}/{prev}"
+  shipped = f"--config.init_from={ref} (the shipped reference) or " if has_model(ref) else ""
+  raise FileNotFoundError(
+      f"init_from={src} has no checkpoint; start from {shipped}make it first with: python -m "
+      f"anchoredit_jax.train --config=configs/{prev}.py:{cfg.preset} --workdir={src}")
 
 
 def load_init(cfg, mesh=None, rules=None):
@@ -39,10 +33,7 @@ def load_init(cfg, mesh=None, rules=None):
   if wan.is_wan_pipeline(src):
     say(f"initialised from the Wan2.1 weights in {src}")
     return wan.load_wan_pipeline(src, cfg.model, mesh=mesh, rules=rules)
-  if not has_model(src):
-    raise FileNotFoundError(
-        f"init_from={src} has no checkpoint; make it first with: python -m anchoredit_jax.train "
-        f"--config=configs/{prev}.py:{cfg.preset} --workdir={src}")
+  check_init(cfg)
   src_cfg, _, params, step = load_params(src, mesh=mesh)
   if src_cfg.get("stage") != prev:
     raise ValueError(f"init_from={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} starts "

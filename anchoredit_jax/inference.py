@@ -15,6 +15,8 @@ without the write; a given image written as the turn), for the oracle-context be
 import dataclasses
 import functools
 import json
+import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax import flow
-from anchoredit_jax.checkpoint import load_params
+from anchoredit_jax.checkpoint import check_model_fields, load_params, parameter_fields
+from anchoredit_jax.errors import short
 from anchoredit_jax.data.tokenize import tokenize_for
 from anchoredit_jax.editing import (concat_text, empty_tokens, encode, generate_turn, generate_turn_fast,
                                     write_turn)
@@ -170,11 +173,11 @@ class EditSession:
   def from_run(cls, workdir, source, **kw):
     try:
       cfg, graphdef, params, _ = load_params(workdir)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # ours: they say what is wrong
       raise
-    except Exception as e:  # orbax/tensorstore errors when the arrays do not fit the config
+    except Exception as e:  # noqa: BLE001  (orbax/tensorstore errors when the arrays do not fit the config)
       raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+                       f"({type(e).__name__}: {short(e, 120)})") from e
     if cfg.get("stage") not in EDIT_STAGES:
       raise ValueError(f"{workdir} is a {cfg.get('stage')} run; editing sessions need a causal "
                        f"(stage 2) or distill (stage 3) run")
@@ -185,6 +188,9 @@ class EditSession:
     return len(self.history) - 1
 
   def tokens(self, instruction: str):
+    if not isinstance(instruction, str):
+      raise TypeError(f"an instruction is a string, e.g. 'make the red circle blue'; got "
+                      f"{type(instruction).__name__} {instruction!r:.40}")
     if not instruction.strip():
       raise ValueError("empty instruction: say what to change, e.g. 'make the red circle blue'")
     return jnp.asarray(tokenize_for(self.cfg.model, [instruction]))
@@ -199,20 +205,41 @@ class EditSession:
     self.history.append((instruction, out))
     return out
 
-  def save(self, path):
-    """Memory, history and sampler in one .npz (the model weights are not included)."""
+  def save(self, path, *, overwrite=False):
+    """Memory, history and sampler in one .npz file (the model weights are not included), with
+    the stage and model fields it needs back. Written to a temporary file, then renamed."""
+    path = os.fspath(path)
+    if not path.endswith(".npz"):
+      raise ValueError(f"{path}: a session is saved as one .npz file; give a path ending in .npz")
+    if os.path.exists(path) and not overwrite:
+      raise ValueError(f"{path} exists; pass overwrite=True or choose another path")
     leaves = {f"mem_{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(self.memory))}
     meta = {"seed": self.seed, "sampler": dataclasses.asdict(self.sampler),
-            "instructions": [h[0] for h in self.history], "window": self.memory.window}
-    np.savez(path, images=np.stack([h[1] for h in self.history]), meta=json.dumps(meta), **leaves)
+            "instructions": [h[0] for h in self.history], "window": self.memory.window,
+            "stage": self.cfg.get("stage"), "model": parameter_fields(self.cfg.model)}
+    tmp = path[:-4] + ".partial.npz"
+    try:
+      np.savez(tmp, images=np.stack([h[1] for h in self.history]), meta=json.dumps(meta), **leaves)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
   @classmethod
   def load(cls, path, cfg, graphdef, params):
     """Resume a saved session with the same run's weights."""
-    with np.load(path) as f:
-      meta = json.loads(str(f["meta"]))
-      images = f["images"]
-      leaves = [f[f"mem_{i}"] for i in range(sum(k.startswith("mem_") for k in f.files))]
+    try:
+      with np.load(path) as f:
+        meta = json.loads(str(f["meta"]))
+        images = f["images"]
+        leaves = [f[f"mem_{i}"] for i in range(sum(k.startswith("mem_") for k in f.files))]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # missing, cut short, not a session
+      raise ValueError(f"{path} is not a readable saved session ({short(e, 100)})") from e
+    if meta.get("stage", cfg.get("stage")) != cfg.get("stage"):
+      raise ValueError(f"{path} was saved by a {meta['stage']} model; load it with that model's "
+                       f"weights, not a {cfg.get('stage')} model's")
+    check_model_fields(f"the session {path}", cfg, meta.get("model"), against="this model",
+                       fix="load it with the model it was made with")
     self = cls.__new__(cls)
     self.cfg, self.graphdef, self.params = cfg, graphdef, params
     self.sampler, self.seed = Sampler(**meta["sampler"]), meta["seed"]

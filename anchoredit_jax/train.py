@@ -24,8 +24,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from anchoredit_jax import distributed, growth, sharding as sh
-from anchoredit_jax.checkpoint import is_reference, load_config, restore_newest, save_step
+from anchoredit_jax import cli, distributed, errors, growth, sharding as sh
+from anchoredit_jax.checkpoint import (check_model_fields, is_reference, load_config, parameter_fields,
+                                       restore_newest, save_step)
 from anchoredit_jax.data import pipeline, text_store
 from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.distributed import say
@@ -272,7 +273,7 @@ def _check_config(workdir, cfg):
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     old = load_config(workdir)
-    if growth.parameter_fields(old.model) != growth.parameter_fields(cfg.model) or old.get("stage") != cfg.stage:
+    if parameter_fields(old.model) != parameter_fields(cfg.model) or old.get("stage") != cfg.stage:
       raise ValueError(f"{workdir} holds a run with a different model config or stage; "
                        "use a new --workdir or the same config")
   elif jax.process_index() == 0:
@@ -339,12 +340,15 @@ def train(cfg, workdir):
   if is_reference(workdir):
     raise ValueError(f"--workdir={workdir} is a reference checkpoint, not a run; train into a new "
                      "directory (--config.init_from may name this one)")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    growth.check_init(cfg)  # before anything is written: a refused run leaves no workdir behind
   _check_config(workdir, cfg)
   trainer = Trainer(cfg)
   trainer.check_batch()
   key = jax.random.key(cfg.seed)
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints,
+                                                                    cleanup_tmp_directories=True),
                                item_handlers={"state": ocp.StandardCheckpointHandler(),
                                               "extra": ocp.JsonCheckpointHandler()})
   data_it = iter(make_data(cfg))
@@ -368,6 +372,7 @@ def train(cfg, workdir):
     start = 0
   else:
     start, state, extra = found
+    check_model_fields(f"{workdir} step {start}", cfg, extra.get("model"))
     if "nonfinite" not in state:  # saved before the count existed
       state["nonfinite"] = jax.device_put(jax.tree.map(jnp.zeros_like, trainer.abstract_state["nonfinite"]),
                                           trainer.replicated)
@@ -382,7 +387,8 @@ def train(cfg, workdir):
 
   def save(step):
     save_step(mngr, step, state, {"data": pipeline.save_iterator_state(data_it),
-                                  "train_seconds": train_seconds})
+                                  "train_seconds": train_seconds,
+                                  "model": parameter_fields(cfg.model)})
 
   log = MetricLog(workdir, start)
   pairs = eval_pairs(cfg) if cfg.eval.pairs else None
@@ -407,30 +413,32 @@ def train(cfg, workdir):
   # checkpoint (the state is donated to each step, so interrupting one midway would lose it).
   stop = []
   old_handlers = {s: signal.signal(s, lambda num, _: stop.append(num)) for s in STOP_SIGNALS}
-  while step < cfg.train.steps and not (budget and train_seconds >= budget) and not stop:
-    t0 = time.perf_counter()
-    state, metrics = trainer.step(state, next(data_it), key)
-    step += 1
-    n_log += 1
-    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-      m = jax.device_get(metrics)
-      rate = n_log / (time.perf_counter() - t_log)
-      bar.set_postfix(loss=f"{float(m['loss']):.4f}", steps_s=f"{rate:.2f}")
-      log.write(step, "train", {**m, "steps_per_s": rate, "train_minutes": train_seconds / 60})
-      t_log, n_log = time.perf_counter(), 0
-    streak = int(metrics["nonfinite_streak"])  # waits for the step, as the loop always has
-    train_seconds += time.perf_counter() - t0
-    bar.update(1)
-    if streak >= cfg.train.max_nonfinite:
-      diverged = (streak, int(metrics["nonfinite_steps"]))
-      break
-    if step % cfg.train.ckpt_every == 0:
-      save(step)
-    if pairs is not None and step % cfg.train.eval_every == 0:
-      result = run_eval(step)
-      bar.write(f"step {step} ({train_seconds / 60:.1f} min): " +
-                ", ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.startswith("copy_")))
-  bar.close()
+  try:
+    while step < cfg.train.steps and not (budget and train_seconds >= budget) and not stop:
+      t0 = time.perf_counter()
+      state, metrics = trainer.step(state, next(data_it), key)
+      step += 1
+      n_log += 1
+      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        m = jax.device_get(metrics)
+        rate = n_log / (time.perf_counter() - t_log)
+        bar.set_postfix(loss=f"{float(m['loss']):.4f}", steps_s=f"{rate:.2f}")
+        log.write(step, "train", {**m, "steps_per_s": rate, "train_minutes": train_seconds / 60})
+        t_log, n_log = time.perf_counter(), 0
+      streak = int(metrics["nonfinite_streak"])  # waits for the step, as the loop always has
+      train_seconds += time.perf_counter() - t0
+      bar.update(1)
+      if streak >= cfg.train.max_nonfinite:
+        diverged = (streak, int(metrics["nonfinite_steps"]))
+        break
+      if step % cfg.train.ckpt_every == 0:
+        save(step)
+      if pairs is not None and step % cfg.train.eval_every == 0:
+        result = run_eval(step)
+        bar.write(f"step {step} ({train_seconds / 60:.1f} min): " +
+                  ", ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.startswith("copy_")))
+  finally:  # also on an error, so its line starts on a line of its own
+    bar.close()
   for s, h in old_handlers.items():
     signal.signal(s, h)
   if mngr.latest_step() != step and not diverged:
@@ -473,24 +481,30 @@ def main():
   def run(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    logging.get_absl_handler().addFilter(errors.OneLineLibraryErrors("orbax"))
     try:
       distributed.initialize(coordinator.value, num_processes.value, process_id.value,
                              heartbeat_timeout=heartbeat.value)
       cfg = config.value
       summary = train(cfg, workdir.value or cfg.workdir)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-      print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-      sys.exit(2)
     except Interrupted as e:
       print(f"interrupted: {e}", file=sys.stderr)
       sys.exit(INTERRUPTED_EXIT)
     except jax.errors.JaxRuntimeError as e:  # e.g. a peer process died or never came up
-      print(f"error (process {jax.process_index()}): {str(e).splitlines()[0][:300]}", file=sys.stderr)
-      sys.exit(3)
+      errors.fail(f"(process {jax.process_index()}) {errors.short(e, 300)}", code=3)
+    except OSError as e:  # FileNotFoundError included: ours name the file and what to do
+      errors.fail(errors.short(e, 300) if not e.strerror else
+                  f"{e.strerror}: {e.filename or ''}; choose a --workdir that can be written to")
+    except (ValueError, NotImplementedError) as e:
+      if "No space left on device" in str(e):  # orbax/tensorstore's wording of ENOSPC
+        errors.fail(f"no space left on the device of {workdir.value or cfg.workdir} while saving a "
+                    "checkpoint; free space and rerun the same command (it resumes from the last "
+                    "complete checkpoint)")
+      errors.fail(errors.short(e.args[0] if e.args else e, 400))
     if jax.process_index() == 0:
       print(json.dumps(summary))
 
-  app.run(run)
+  app.run(run, flags_parser=cli.absl_flags_parser(__doc__))
 
 
 if __name__ == "__main__":

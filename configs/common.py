@@ -5,6 +5,7 @@ Presets are chosen with `--config=configs/<stage>.py:<preset>[,key=value...]`, s
 `--config.field=value` (ml_collections), e.g.
   python -m anchoredit_jax.train --config=configs/pretrain.py:smoke --config.train.steps=20
 """
+import ast
 import os
 
 import ml_collections
@@ -99,6 +100,23 @@ def wan_stage(get_config, arg):
   return c
 
 
+def config_error(e: Exception) -> str:
+  """One line for what absl/ml_collections raise on a bad --config: its file's error (the last
+  line of a quoted traceback), or an override naming a field the config lacks (with its
+  'Did you mean' hint)."""
+  if isinstance(e, (flags.Error, OSError)):
+    last = str(e).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+    return last if "command line flag" in last else f"--config: {last}"
+  text = str(e)
+  try:  # ml_collections wraps the KeyError's message in quotes, twice
+    while text[:1] in "'\"" and text:
+      text = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    pass
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  return f"--config: no field {lines[0] if lines else text} in this config" + "".join(f"; {l}" for l in lines[1:])
+
+
 def load_configs(config_arg: str, overrides: list, stages: str):
   """The --config and its overrides, read for each stage named in `stages` ('' = its own stage,
   'all' = pretrain,causal,distill) from stage files beside it."""
@@ -114,9 +132,7 @@ def load_configs(config_arg: str, overrides: list, stages: str):
     holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
     try:
       fv(argv)
-    except flags.Error as e:  # the cause is on the message's last line
-      raise ValueError(f"--config: {str(e).strip().splitlines()[-1]}") from e
-    except (AttributeError, KeyError) as e:
-      raise ValueError(f"--config: an override names a field the config lacks: {e}") from e
+    except (flags.Error, AttributeError, KeyError) as e:
+      raise ValueError(config_error(e)) from e
     out.append((f + (f":{arg}" if arg else ""), holder.value))
   return out

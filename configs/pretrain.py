@@ -58,5 +58,8 @@ def get_config(arg=None):
     c.eval.update(shift=5.0, steps=50, guidance=5.0)
   for k, v in arg.items():
     if k != "preset":
+      if k not in c:
+        raise ValueError(f"unknown option {k}={v} after the preset; options set top-level fields "
+                         f"({', '.join(sorted(c))}); set others with --config.<section>.<field>=")
       c[k] = v
   return c

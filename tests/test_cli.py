@@ -70,6 +70,9 @@ def test_edit_writes_every_turn_strip_and_timings(runs, image, tmp_path):
   assert meta["instructions"] == texts and len(meta["turn_seconds"]) == 3
   assert meta["sampler"]["kind"] == "student" and meta["sampler"]["steps"] == 2
   assert Image.open(out / "strip.png").size == (4 * 128, 128 + 14)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # an ordinary directory, not a private one
 
 
 def test_edit_notices_and_errors(runs, image, tmp_path):
@@ -82,6 +85,8 @@ def test_edit_notices_and_errors(runs, image, tmp_path):
       ([ck, f"--image={image}", "--instruction=" + "x" * 100], "at most 62"),
       ([f"--checkpoint={runs / 's1'}", f"--image={image}", "--instruction=a"], "is a pretrain run"),
       ([f"--checkpoint={tmp_path}", f"--image={image}", "--instruction=a"], "not a training run"),
+      ([ck, f"--image={image}", "--instruction=a", "--teacher", "--steps=0"], "at least 1 Euler step"),
+      ([ck, f"--image={image}", "--instruction=a", "--teacher", "--guidance=nan"], "give a finite scale"),
   ]
   for args, msg in cases:
     p = run("anchoredit_jax.edit", *args, f"--out={out}")
@@ -93,8 +98,7 @@ def test_edit_notices_and_errors(runs, image, tmp_path):
   cfg["model"]["dim"] *= 2
   (other / "config.json").write_text(json.dumps(cfg))
   p = run("anchoredit_jax.edit", f"--checkpoint={other}", f"--image={image}", "--instruction=a", f"--out={out}")
-  # orbax's restore threads may still print after a failed restore; the error line is there
-  assert p.returncode == 2 and "error: the checkpoint" in p.stderr and "does not match its config.json" in p.stderr
+  assert p.returncode == 2 and "was saved with model.dim=" in last_line(p) and "restore it" in last_line(p)
   assert not out.exists()
   gray = tmp_path / "gray.png"
   Image.fromarray(np.full((48, 48), 128, np.uint8)).save(gray)
@@ -103,6 +107,81 @@ def test_edit_notices_and_errors(runs, image, tmp_path):
   assert "notice: converted L image to RGB" in p.stderr and "notice: resized 48x48" in p.stderr
   p = run("anchoredit_jax.edit", ck, f"--image={gray}", "--instruction=again", f"--out={out}")
   assert p.returncode == 2 and "not an empty directory" in last_line(p)
+  for bad_out, msg in (("", "--out is empty"), (f"{ROOT}/setup.py/out", "cannot be written")):
+    p = run("anchoredit_jax.edit", ck, f"--image={image}", "--instruction=a", f"--out={bad_out}")
+    assert p.returncode == 2 and msg in last_line(p), p.stderr[-1500:]
+    assert "turn/s" not in p.stderr and "s/turn" not in p.stderr  # no turn was computed (no progress bar)
+
+
+def test_edit_scales_16_bit_crops_non_square_and_warns_of_missing_referents(runs, tmp_path):
+  """A 16-bit grayscale PNG keeps its levels (scaled, not clipped to 0/255), a 64x40 image is
+  centre-cropped with a notice, and an instruction naming no ShapesEdit object gets a warning."""
+  wide = tmp_path / "wide16.png"
+  levels = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (40, 1))
+  Image.fromarray(levels).save(wide)
+  from anchoredit_jax.edit import load_image
+  img, notices = load_image(str(wide), 32)
+  # the middle 40 of 64 columns of a 0..65535 ramp: about 50..205 (clipping would give 0 and 255)
+  assert len(np.unique(img)) > 16 and 40 < img.min() < 60 and 195 < img.max() < 215, np.unique(img)
+  out = tmp_path / "out"
+  p = run("anchoredit_jax.edit", f"--checkpoint={runs / 's3'}", f"--image={wide}",
+          "--instruction=make the red circle blue", "--instruction=make the purple star green",
+          f"--out={out}")
+  assert p.returncode == 0, p.stderr[-1500:]
+  assert "notice: scaled I;16" in p.stderr and "notice: centre-cropped 64x40 image to 40x40" in p.stderr
+  assert "warning: turn 1: 'make the red circle blue': no red object" in p.stderr  # a gray image
+  assert "warning: turn 2: 'make the purple star green' names none of the shapes" in p.stderr
+
+
+def test_edited_or_incomplete_checkpoint_folders_are_named(runs, image, tmp_path):
+  out = tmp_path / "out"
+  for name, change, msg in (
+      ("heads5", lambda c: c["model"].update(heads=5), "model.dim=64 is not divisible by model.heads=5"),
+      ("heads1", lambda c: c["model"].update(heads=1), "was saved with model.heads="),
+      ("notjson", None, "is not a valid config"),
+      ("onlyconfig", None, "neither params.safetensors nor checkpoints/"),
+  ):
+    d = tmp_path / name
+    shutil.copytree(runs / "s3", d)
+    cfg = json.loads((d / "config.json").read_text())
+    if change:
+      change(cfg)
+      (d / "config.json").write_text(json.dumps(cfg))
+    elif name == "notjson":
+      (d / "config.json").write_text('{"model": ')
+    else:
+      shutil.rmtree(d / "checkpoints")
+    p = run("anchoredit_jax.edit", f"--checkpoint={d}", f"--image={image}", "--instruction=a", f"--out={out}")
+    assert p.returncode == 2 and msg in last_line(p) and "Traceback" not in p.stderr, (name, p.stderr[-1500:])
+    if name == "notjson":
+      assert str(d / "config.json") in last_line(p)
+    if name == "onlyconfig":
+      assert not (d / "checkpoints").exists()
+    assert not out.exists()
+
+
+def test_edit_session_refuses_what_it_cannot_use(runs, tmp_path):
+  from anchoredit_jax.checkpoint import load_params
+  from anchoredit_jax.inference import EditSession
+  cfg, graphdef, params, _ = load_params(str(runs / "s3"))
+  session = EditSession(cfg, graphdef, params, np.zeros((32, 32, 3), np.uint8))
+  for bad in (None, 5):
+    with pytest.raises(TypeError, match="an instruction is a string"):
+      session.edit(bad)
+  with pytest.raises(ValueError, match="give a path ending in .npz"):
+    session.save(tmp_path)
+  session.save(tmp_path / "s.npz")
+  with pytest.raises(ValueError, match="exists; pass overwrite=True"):
+    session.save(tmp_path / "s.npz")
+  session.save(tmp_path / "s.npz", overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["s.npz"]
+  assert EditSession.load(tmp_path / "s.npz", cfg, graphdef, params).turn == 0
+  cfg2, graphdef2, params2, _ = load_params(str(runs / "s2"))
+  with pytest.raises(ValueError, match="was saved by a distill model"):
+    EditSession.load(tmp_path / "s.npz", cfg2, graphdef2, params2)
+  (tmp_path / "cut.npz").write_bytes((tmp_path / "s.npz").read_bytes()[:500])
+  with pytest.raises(ValueError, match="is not a readable saved session"):
+    EditSession.load(tmp_path / "cut.npz", cfg, graphdef, params)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -181,3 +182,66 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_finite_checkpoints(tmp_pa
   assert saved and saved[-1] < rows[-1]["step"]  # the step it stopped at is not saved
   for step in saved:
     assert integrity.nonfinite(checkpoint.load_params(str(wd), step=step)[2]) == []
+
+
+def _one_error_line(out):
+  """The run's stderr holds one line, `error: ...`, and nothing traceback-like."""
+  lines = [l for l in out.stderr.strip().splitlines() if l.strip() and "it/s" not in l and "s/it" not in l]
+  assert out.returncode == 2 and lines and lines[-1].startswith("error: "), out.stderr[-3000:]
+  assert "Traceback" not in out.stderr and len(lines) <= 2, out.stderr[-3000:]
+  return lines[-1]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--config.train.stepz=3"], 'no field \'stepz\' in this config; Did you mean "steps"'),
+    (["--config.train.steps=abc"], "--config.train.steps=abc: invalid literal"),
+    (["--config=configs/pretrain.py:smok"], "unknown preset 'smok'"),
+    (["--config=configs/pretrain.py:smoke,stepz=4"], "unknown option stepz=4 after the preset"),
+    (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+    (["--bogus=1"], "Unknown command line flag 'bogus'"),
+], ids=["field", "value", "preset", "option", "file", "flag"])
+def test_train_command_mistakes_are_one_line(tmp_path, args, says):
+  wd = tmp_path / "run"
+  out = train_cli(wd, *args)
+  assert says in _one_error_line(out)
+  assert not wd.exists()
+
+
+def test_train_help_exits_0_with_its_flags():
+  out = train_cli("unused", "--help")
+  assert out.returncode == 0 and "--workdir" in out.stdout and "Training entry point" in out.stdout
+
+
+def test_a_refused_init_from_leaves_nothing_and_names_the_reference(tmp_path):
+  wd = tmp_path / "run"
+  out = train_cli(wd, "--config.init_from=" + str(tmp_path / "missing"), config="configs/causal.py")
+  line = _one_error_line(out)
+  assert "has no checkpoint" in line and "--config.init_from=checkpoints/toy/pretrain" in line
+  assert not wd.exists()
+
+
+@pytest.fixture
+def mounts(tmp_path):
+  """A read-only and a 300 KiB tmpfs (as root, which CI is; a mount that fails fails the test)."""
+  made = []
+
+  def mount(name, options):
+    path = tmp_path / name
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    made.append(path)
+    return path
+
+  yield mount
+  for path in made:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_read_only_and_full_disks_are_one_line(mounts):
+  ro = mounts("ro", "ro,size=1m")
+  line = _one_error_line(train_cli(ro / "run", *RUN))
+  assert "Read-only file system" in line and "--workdir" in line
+  full = mounts("full", "size=300k")
+  line = _one_error_line(train_cli(full / "run", "--config.train.steps=20", *RUN))
+  assert line.startswith("error: no space left on the device of") and "rerun the same command" in line
+  assert os.listdir(full / "run" / "checkpoints") == []  # nothing half-written

@@ -10,6 +10,7 @@ picture at any resolution; `render` only decides the sampling grid.
 """
 import dataclasses
 import functools
+import re
 
 import numpy as np
 from PIL import Image
@@ -417,3 +418,27 @@ def make_sequence(seed: int, num_turns: int, res: int, split: str = "train", ops
 def make_pair(seed: int, res: int, split: str = "train", **kw) -> dict:
   """One-turn sequence: images [2, res, res, 3] = (source, edited)."""
   return make_sequence(seed, 1, res, split, **kw)
+
+
+ADD_VERBS = ("add", "put", "place", "draw")
+
+
+def referent_notice(instruction: str, image: np.ndarray) -> str | None:
+  """Why a toy model cannot follow `instruction` on `image` (uint8 [R,R,3]), or None: it names no
+  ShapesEdit shape, or the coloured object it edits has no pixel of that colour in the image.
+  (An object to add need not be there.)"""
+  words = re.findall(r"[a-z]+", instruction.lower())
+  shapes = [i for i, w in enumerate(words) if w.rstrip("s") in SHAPES]
+  if not shapes:
+    return (f"'{instruction}' names none of the shapes the toy model knows "
+            f"({', '.join(SHAPES)}); it will edit the image anyway")
+  if words[0] in ADD_VERBS:
+    return None
+  colour = words[shapes[0] - 1] if shapes[0] else None
+  if colour not in PALETTE:
+    return None
+  want = np.asarray(PALETTE[colour]) * 255
+  close = np.abs(image.astype(np.float32) - want).max(-1) < 48
+  if close.sum() < max(2, image.shape[0] * image.shape[1] // 400):
+    return f"'{instruction}': no {colour} object is in the current image"
+  return None
