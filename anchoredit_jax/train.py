@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -143,6 +144,8 @@ class Trainer:
       return jax.jit(self._init, out_shardings=self.state_sh)(rng)
 
   def _step(self, state, batch, key, store):
+    batch = dict(batch)
+    halt = batch.pop("halt", None)  # each process's reason to stop after this step (see step)
     rng = jax.random.fold_in(key, state["step"])
     aux = (state["aux"],) if "aux" in state else ()
     grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
@@ -162,6 +165,7 @@ class Trainer:
     new["step"] = state["step"] + 1
     metrics["nonfinite_steps"] = new["nonfinite"]["total"]
     metrics["nonfinite_streak"] = new["nonfinite"]["streak"]
+    metrics["halt"] = jnp.zeros((), jnp.int32) if halt is None else jnp.max(halt)
     return new, metrics
 
   def check_batch(self):
@@ -188,7 +192,11 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(v))
             for k, v in batch.items()}
 
-  def step(self, state, batch, key):
+  def step(self, state, batch, key, halt=0):
+    """One training step. `halt` is this process's reason to stop after it (HALT_*); the step
+    returns the largest of every process's as metrics["halt"], so all processes of a run agree
+    on where to stop without a collective of their own (a signal reaches each at another time)."""
+    batch = {**batch, "halt": np.full(len(batch["tokens"]), halt, np.int32)}
     if self.text_store is not None:
       miss = text_store.missing(self.text_store_host, batch["tokens"])
       if miss.any():
@@ -322,6 +330,34 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 INTERRUPTED_EXIT = 75  # stopped by a signal after saving its step: rerun the same command to resume
 
 
+HALT_BUDGET, HALT_SIGNAL = 1, 2  # reasons to stop after a step, the larger winning across processes
+
+
+class Grace:
+  """After a stop signal, the time the run has to finish its step and save it (a TPU preemption
+  notice is about 30 s). If it runs out first the process says so and exits INTERRUPTED_EXIT at
+  once: better than being killed mid-save, and orbax never takes an unfinished save for a step."""
+
+  def __init__(self, seconds, mngr):
+    self.seconds, self.mngr, self.timer = seconds, mngr, None
+
+  def start(self, step):
+    if self.seconds and self.timer is None:
+      self.timer = threading.Timer(self.seconds, self._expire, args=(step,))
+      self.timer.daemon = True
+      self.timer.start()
+
+  def _expire(self, step):
+    print(f"interrupted: the {self.seconds:g} s grace period (train.preempt_grace) ran out before "
+          f"step {step} was saved; rerun the same command to resume from step "
+          f"{self.mngr.latest_step() or 0}, the newest complete checkpoint", file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED_EXIT)
+
+  def cancel(self):
+    if self.timer is not None:
+      self.timer.cancel()
+
+
 class Interrupted(Exception):
   """A run stopped by SIGINT/SIGTERM after saving the step it was on."""
 
@@ -411,12 +447,19 @@ def train(cfg, workdir):
   metrics, diverged = None, None
   # Ctrl-C or SIGTERM (a preemption, scancel) finishes the step in flight, then saves a
   # checkpoint (the state is donated to each step, so interrupting one midway would lose it).
-  stop = []
-  old_handlers = {s: signal.signal(s, lambda num, _: stop.append(num)) for s in STOP_SIGNALS}
+  stop, grace = [], Grace(cfg.train.get("preempt_grace", 0.0), mngr)
+  def on_signal(num, _):
+    stop.append(num)
+    grace.start(step)
+  old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+  several = jax.process_count() > 1
   try:
-    while step < cfg.train.steps and not (budget and train_seconds >= budget) and not stop:
+    while step < cfg.train.steps:
+      halt = HALT_SIGNAL if stop else HALT_BUDGET if budget and train_seconds >= budget else 0
+      if halt and not several:  # one process needs no agreement: stop before another step
+        break
       t0 = time.perf_counter()
-      state, metrics = trainer.step(state, next(data_it), key)
+      state, metrics = trainer.step(state, next(data_it), key, halt=halt)
       step += 1
       n_log += 1
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -430,6 +473,11 @@ def train(cfg, workdir):
       bar.update(1)
       if streak >= cfg.train.max_nonfinite:
         diverged = (streak, int(metrics["nonfinite_steps"]))
+        break
+      agreed = int(metrics["halt"]) if several else 0  # every process stops after the same step
+      if agreed == HALT_SIGNAL and not stop:
+        stop.append("a signal to another process")
+      if agreed:
         break
       if step % cfg.train.ckpt_every == 0:
         save(step)
@@ -453,9 +501,10 @@ def train(cfg, workdir):
                    f"({total} such steps in all; their updates were skipped, so the newest "
                    f"checkpoint, step {kept}, holds finite parameters): lower --config.optim.lr "
                    f"(now {cfg.optim.lr:g}) or check the data, then rerun")
+  grace.cancel()
   if stop:  # no final evaluation and no summary: whoever interrupts wants the run to stop now
     log.close()
-    raise Interrupted(step, signal.Signals(stop[0]).name)
+    raise Interrupted(step, stop[0] if isinstance(stop[0], str) else signal.Signals(stop[0]).name)
   if pairs is not None and (not result or step % cfg.train.eval_every):
     result = run_eval(step)
   log.close()

@@ -37,7 +37,8 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, steps=9000, minutes=60.0, log_every=50, ckpt_every=500, eval_every=750,
       keep_checkpoints=2,
-      max_nonfinite=10))  # stop after this many steps in a row with a NaN/Inf loss (each skipped)
+      max_nonfinite=10,  # stop after this many steps in a row with a NaN/Inf loss (each skipped)
+      preempt_grace=30.0))  # seconds from SIGTERM/SIGINT to a saved step, else exit at once (0: no limit)
   # evaluator: what the loop measures (anchoredit_jax/eval/evaluators.py)
   c.eval = ml_collections.ConfigDict(dict(
       evaluator="single_turn", pairs=256, batch_size=64, steps=20, guidance=2.0, shift=3.0, seed=0))

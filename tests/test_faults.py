@@ -7,7 +7,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,7 @@ import pytest
 from anchoredit_jax import checkpoint, integrity, sharding as sh
 from anchoredit_jax.stages import pretrain
 from anchoredit_jax.train import Trainer, make_data
-from tests.helpers import one_device_mesh, smoke_config, train_cli
+from tests.helpers import ROOT, one_device_mesh, smoke_config, train_cli
 
 RUN = ["--config.train.ckpt_every=5", "--config.train.keep_checkpoints=3", "--config.eval.pairs=0",
        "--config.train.log_every=1"]
@@ -245,3 +248,25 @@ def test_read_only_and_full_disks_are_one_line(mounts):
   line = _one_error_line(train_cli(full / "run", "--config.train.steps=20", *RUN))
   assert line.startswith("error: no space left on the device of") and "rerun the same command" in line
   assert os.listdir(full / "run" / "checkpoints") == []  # nothing half-written
+
+
+def test_a_grace_period_that_runs_out_exits_75_at_once_and_the_run_resumes(tmp_path):
+  """With a grace period shorter than a step, SIGTERM makes the process say so and exit 75 before
+  its step is saved; the rerun resumes from the newest complete checkpoint."""
+  wd = tmp_path / "run"
+  cmd = [sys.executable, "-m", "anchoredit_jax.train", "--config=configs/pretrain.py:smoke",
+         f"--workdir={wd}", "--config.train.steps=100000", "--config.train.ckpt_every=2",
+         "--config.train.preempt_grace=0.001", *RUN[1:]]
+  p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  saved = lambda: (wd / "checkpoints").is_dir() and any(n.isdigit() for n in os.listdir(wd / "checkpoints"))
+  deadline = time.time() + 240
+  while not saved():
+    assert time.time() < deadline and p.poll() is None, "no checkpoint was ever written"
+    time.sleep(0.5)
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=60)[0]
+  assert p.returncode == 75, out[-2000:]
+  assert "grace period (train.preempt_grace) ran out before step" in out, out[-2000:]
+  again = train_cli(wd, "--config.train.steps=1", *RUN)  # steps=1: nothing left to train
+  assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]

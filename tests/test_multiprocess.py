@@ -146,3 +146,36 @@ def test_an_invalid_config_stops_every_process_with_the_same_error(tmp_path):
              if l.startswith("error:")] for i in range(2)]
   assert errors[0] == errors[1] and len(errors[0]) == 1, errors
   assert "train.batch_size=6" in errors[0][0]
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+  """A preemption notice reaches the processes of a run at different moments (here: only process
+  1 gets SIGTERM). Both must stop after the same step, save it and exit 75; without agreeing,
+  process 0 would wait in the next step's collectives until the heartbeat timeout."""
+  workdir = tmp_path / "run"
+  proc = local_sh("configs/pretrain.py:smoke", workdir, "--config.train.steps=100000",
+                  "--config.train.ckpt_every=100000", *TWO_PROCESS_MESH, wait=False,
+                  extra=("--keep-going", "--timeout", "400"))
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.time() < deadline, "training never started"
+    time.sleep(1)
+  pids = (tmp_path / "run_logs" / "pids").read_text().split()
+  os.kill(int(pids[1]), signal.SIGTERM)
+  try:
+    proc.communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("the processes were still running 120 s after one got SIGTERM")
+  logs = [(tmp_path / "run_logs" / f"process_{i}.log").read_text() for i in range(2)]
+  steps = []
+  for i, log in enumerate(logs):
+    found = [l for l in log.splitlines() if l.startswith("interrupted: ")]
+    assert found, (i, log[-2000:])
+    steps.append(int(found[-1].split(" at step ")[1].split(":")[0]))
+  assert "interrupted: SIGTERM at step" in logs[1] and "interrupted: a signal to another process" in logs[0]
+  assert steps[0] == steps[1] and (workdir / "checkpoints" / str(steps[0])).is_dir()
+  again = one_process("configs/pretrain.py:smoke", workdir, f"--config.train.steps={steps[0] + 1}",
+                      "--config.mesh.data=8")
+  assert f"at step {steps[0]}" in again.stdout + again.stderr
