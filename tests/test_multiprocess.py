@@ -62,6 +62,14 @@ def assert_close(a: dict, b: dict, tol=1e-6):
     assert np.linalg.norm(x - y) <= tol * max(np.linalg.norm(y), 1e-12), k
 
 
+def wait_for_rows(proc, metrics, n, timeout=300):
+  """Until `metrics` (metrics.jsonl) has n rows; fails if `proc` ends or time runs out first."""
+  deadline = time.time() + timeout
+  while not (metrics.exists() and metrics.read_text().count("\n") >= n):
+    assert proc.poll() is None and time.time() < deadline, "training never started"
+    time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """A: one process, 8 devices, 4 steps. B: two processes, 2 steps. C: B resumed by one process
@@ -114,11 +122,7 @@ def test_a_dead_process_stops_the_other_with_an_error(tmp_path):
                   "--config.train.ckpt_every=100000", "--heartbeat_timeout=10",
                   *TWO_PROCESS_MESH, wait=False,
                   extra=("--keep-going", "--timeout", "400"))  # the survivor must stop by itself
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    assert proc.poll() is None and time.time() < deadline, "training never started"
-    time.sleep(1)
+  wait_for_rows(proc, workdir / "metrics.jsonl", 2)
   pids = (tmp_path / "dead_logs" / "pids").read_text().split()
   os.kill(int(pids[1]), signal.SIGKILL)  # process 1 dies mid-run
   start = time.time()
@@ -156,11 +160,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
   proc = local_sh("configs/pretrain.py:smoke", workdir, "--config.train.steps=100000",
                   "--config.train.ckpt_every=100000", *TWO_PROCESS_MESH, wait=False,
                   extra=("--keep-going", "--timeout", "400"))
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-    assert proc.poll() is None and time.time() < deadline, "training never started"
-    time.sleep(1)
+  wait_for_rows(proc, workdir / "metrics.jsonl", 2)
   pids = (tmp_path / "run_logs" / "pids").read_text().split()
   os.kill(int(pids[1]), signal.SIGTERM)
   try:
