@@ -5,3 +5,18 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "faults: the full fault-injection suite (about 40 CPU minutes); "
+                          "run with pytest -m faults tests/test_fault_suite.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `faults` run only when asked for with -m (make test deselects them)."""
+  if config.option.markexpr:
+    return
+  keep = [i for i in items if "faults" not in i.keywords]
+  if len(keep) != len(items):
+    config.hook.pytest_deselected(items=[i for i in items if "faults" in i.keywords])
+    items[:] = keep

@@ -4,6 +4,8 @@ with the same losses and parameters, bit for bit, as a run never interrupted. Th
 (10 trials per stage and signal) is `python -m benchmark.faults`; its table is in RESULTS.md."""
 import random
 
+import pytest
+
 from benchmark import faults
 
 
@@ -18,3 +20,10 @@ def test_a_killed_and_a_preempted_run_resume_bit_exact(tmp_path):
       assert row["lost_steps"] == 0, row  # SIGTERM saves the step it was on
   table = faults.table([row])
   assert "| pretrain | SIGTERM | 1 | 1 |" in table, table
+
+
+@pytest.mark.faults
+def test_every_stage_survives_ten_random_kills_and_preemptions(tmp_path):
+  rows = faults.run_suite(["pretrain", "causal", "distill"], ["kill", "term"], 10, root=str(tmp_path))
+  print("\n" + faults.table(rows))
+  assert all(r["survived"] for r in rows), [r for r in rows if not r["survived"]]
