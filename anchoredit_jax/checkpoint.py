@@ -60,17 +60,27 @@ def load_config(workdir) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(cfg)
 
 
-def check_model_fields(where, cfg, saved, *, against="its config.json",
-                       fix="config.json was edited after the fact: restore it"):
-  """Raise if the parameter fields `saved` with the weights differ from those of `cfg` (e.g.
-  heads, which no array's shape shows). `saved` is None for files written before it was kept."""
+def config_fields(cfg) -> dict:
+  """What a config must still say for weights saved under it: the model's parameter fields and
+  the attention pattern it learned (causal.window, causal.anchor), as flat JSON."""
+  out = {f"model.{k}": v for k, v in parameter_fields(cfg.model).items()}
+  if "causal" in cfg:
+    out.update({"causal.window": cfg.causal.window, "causal.anchor": cfg.causal.anchor})
+  return out
+
+
+def check_config_fields(where, cfg, saved, *, only="", against="its config.json",
+                        fix="config.json was edited after the fact: restore it"):
+  """Raise if `saved` (config_fields when the weights were saved; None for files written before
+  they were kept) differs from `cfg`'s on a key starting with `only` (heads, say, which no
+  array's shape shows)."""
   if saved is None:
     return
-  now = parameter_fields(cfg.model)
-  differ = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+  now = config_fields(cfg)
+  differ = sorted(k for k in set(now) | set(saved) if k.startswith(only) and now.get(k) != saved.get(k))
   if differ:
     k, more = differ[0], (f" (and {len(differ) - 1} more fields)" if len(differ) > 1 else "")
-    raise ValueError(f"{where} was saved with model.{k}={saved.get(k)!r}, {against} has "
+    raise ValueError(f"{where} was saved with {k}={saved.get(k)!r}, {against} has "
                      f"{now.get(k)!r}{more}; {fix}")
 
 
@@ -122,7 +132,7 @@ def load_reference(path):
   leaves, treedef = jax.tree_util.tree_flatten(abstract)
   params = jax.tree_util.tree_unflatten(
       treedef, [jax.numpy.asarray(arrays[k], a.dtype) for k, a in zip(expect, leaves)])
-  check_model_fields(path, cfg, meta.get("model"))
+  check_config_fields(path, cfg, meta.get("config_fields"))
   return cfg, graphdef, params, meta.get("step")
 
 
@@ -148,14 +158,14 @@ def load_params(workdir, step=None, mesh=None):
       extra = mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"] or {}
     except Exception:  # noqa: BLE001  (read again below, with the arrays, and reported there)
       extra = {}
-    check_model_fields(f"{workdir} step {step}", cfg, extra.get("model"))
+    check_config_fields(f"{workdir} step {step}", cfg, extra.get("config_fields"))
     target = {"params": sh.placed(abstract, sh.param_shardings(abstract, mesh, sh.config_rules(cfg)))}
     restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(state=restore, extra=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds on damaged files)
-      fit = "" if extra.get("model") else "does not fit its config.json or "
+      fit = "" if extra.get("config_fields") else "does not fit its config.json or "
       raise ValueError(f"checkpoint {step} of {workdir} {fit}cannot be read ({short(e, 160)}); "
                        "resume the run (python -m anchoredit_jax.train) to fall back to an intact "
                        "step") from e

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from anchoredit_jax import cli, errors, integrity
-from anchoredit_jax.checkpoint import REFERENCE_PARAMS, flat_params, load_params, parameter_fields
+from anchoredit_jax.checkpoint import REFERENCE_PARAMS, config_fields, flat_params, load_params
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -54,7 +54,7 @@ def export(run, out, *, dtype="float16", log=None, provenance=None):
     raise ValueError(f"{run} has no provenance.jsonl (runs made before it was recorded); say how "
                      "it was made with --command and --commit")
   meta = {"stage": cfg.get("stage"), "preset": cfg.get("preset"), "step": step, "dtype": dtype,
-          "model": parameter_fields(cfg.model), "max_abs_rounding": worst, "source_run": os.path.abspath(run),
+          "config_fields": config_fields(cfg), "max_abs_rounding": worst, "source_run": os.path.abspath(run),
           "train_minutes": summary.get("train_minutes"), "final_eval": summary,
           "provenance": provenance}
   parent = os.path.dirname(os.path.abspath(out))

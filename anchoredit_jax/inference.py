@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax import flow
-from anchoredit_jax.checkpoint import check_model_fields, load_params, parameter_fields
+from anchoredit_jax.checkpoint import check_config_fields, config_fields, load_params
 from anchoredit_jax.errors import short
 from anchoredit_jax.data.tokenize import tokenize_for
 from anchoredit_jax.editing import (concat_text, empty_tokens, encode, generate_turn, generate_turn_fast,
@@ -216,7 +216,7 @@ class EditSession:
     leaves = {f"mem_{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(self.memory))}
     meta = {"seed": self.seed, "sampler": dataclasses.asdict(self.sampler),
             "instructions": [h[0] for h in self.history], "window": self.memory.window,
-            "stage": self.cfg.get("stage"), "model": parameter_fields(self.cfg.model)}
+            "stage": self.cfg.get("stage"), "config_fields": config_fields(self.cfg)}
     tmp = path[:-4] + ".partial.npz"
     try:
       np.savez(tmp, images=np.stack([h[1] for h in self.history]), meta=json.dumps(meta), **leaves)
@@ -238,8 +238,8 @@ class EditSession:
     if meta.get("stage", cfg.get("stage")) != cfg.get("stage"):
       raise ValueError(f"{path} was saved by a {meta['stage']} model; load it with that model's "
                        f"weights, not a {cfg.get('stage')} model's")
-    check_model_fields(f"the session {path}", cfg, meta.get("model"), against="this model",
-                       fix="load it with the model it was made with")
+    check_config_fields(f"the session {path}", cfg, meta.get("config_fields"), only="model.",
+                        against="this model", fix="load it with the model it was made with")
     self = cls.__new__(cls)
     self.cfg, self.graphdef, self.params = cfg, graphdef, params
     self.sampler, self.seed = Sampler(**meta["sampler"]), meta["seed"]

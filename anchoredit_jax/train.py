@@ -26,8 +26,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from anchoredit_jax import cli, distributed, errors, growth, sharding as sh
-from anchoredit_jax.checkpoint import (check_model_fields, is_reference, load_config, parameter_fields,
-                                       restore_newest, save_step)
+from anchoredit_jax.checkpoint import (check_config_fields, config_fields, is_reference, load_config,
+                                       parameter_fields, restore_newest, save_step)
 from anchoredit_jax.data import pipeline, text_store
 from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.distributed import say
@@ -408,7 +408,7 @@ def train(cfg, workdir):
     start = 0
   else:
     start, state, extra = found
-    check_model_fields(f"{workdir} step {start}", cfg, extra.get("model"))
+    check_config_fields(f"{workdir} step {start}", cfg, extra.get("config_fields"), only="model.")
     if "nonfinite" not in state:  # saved before the count existed
       state["nonfinite"] = jax.device_put(jax.tree.map(jnp.zeros_like, trainer.abstract_state["nonfinite"]),
                                           trainer.replicated)
@@ -424,7 +424,7 @@ def train(cfg, workdir):
   def save(step):
     save_step(mngr, step, state, {"data": pipeline.save_iterator_state(data_it),
                                   "train_seconds": train_seconds,
-                                  "model": parameter_fields(cfg.model)})
+                                  "config_fields": config_fields(cfg)})
 
   log = MetricLog(workdir, start)
   pairs = eval_pairs(cfg) if cfg.eval.pairs else None
@@ -463,7 +463,7 @@ def train(cfg, workdir):
       step += 1
       n_log += 1
       if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-        m = jax.device_get(metrics)
+        m = {k: v for k, v in jax.device_get(metrics).items() if k != "halt"}
         rate = n_log / (time.perf_counter() - t_log)
         bar.set_postfix(loss=f"{float(m['loss']):.4f}", steps_s=f"{rate:.2f}")
         log.write(step, "train", {**m, "steps_per_s": rate, "train_minutes": train_seconds / 60})

@@ -17,14 +17,18 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from anchoredit_jax import cli
 from anchoredit_jax import inference
+from anchoredit_jax.checkpoint import load_params
+from anchoredit_jax.editing import encode, guided_velocity, turn_velocity
 from anchoredit_jax.data.tokenize import tokenize
 from anchoredit_jax.inference import EditSession, Sampler, tree_bytes
 from anchoredit_jax.models.model import build
+from configs import distill
 
 INSTRUCTIONS = ["make the red circle blue", "move the blue circle up", "remove the green square",
                 "add a small red square at the top left", "make the blue circle smaller"]
@@ -45,9 +49,6 @@ def compiled_memory(session, sampler):
 def pass_times(session, reps=30):
   """Median seconds of one model pass on a new turn against this session's memory: (batch 1,
   the student's pass; batch 2, the teacher's CFG pass with both halves in one call)."""
-  import jax.numpy as jnp
-  from anchoredit_jax.editing import encode, guided_velocity, turn_velocity
-
   model = lambda p: nnx.merge(session.graphdef, p)
   mem, tokens = session.memory, session.tokens(INSTRUCTIONS[0])
   x, t = jnp.zeros_like(mem.last_latent), jnp.full((1,), 0.5)
@@ -91,11 +92,9 @@ def main(argv=None):
         f"devices {[d.device_kind for d in jax.devices()]}, jax {jax.__version__}")
   print("command: python -m benchmark.edit_latency " + " ".join(argv if argv is not None else sys.argv[1:]))
   if args.checkpoint:
-    from anchoredit_jax.checkpoint import load_params
     cfg, graphdef, params, _ = load_params(args.checkpoint)
     weights = args.checkpoint
   else:
-    from configs import distill
     cfg = distill.get_config("toy")
     graphdef, params = nnx.split(build(cfg.model, nnx.Rngs(0)))
     weights = "random toy weights (timing does not depend on their values)"

@@ -25,12 +25,12 @@ import time
 import jax
 
 from anchoredit_jax import cli
+from anchoredit_jax.checkpoint import has_model, is_reference
 from anchoredit_jax.eval import multiturn as mt, report
 
 
 def train_missing(systems, runs, preset):
   """Run the training commands behind `systems` whose runs are missing or unfinished."""
-  from anchoredit_jax.checkpoint import has_model, is_reference
   todo = []
   for name in systems:
     w = mt.SYSTEMS[name].weights

@@ -17,6 +17,7 @@ model on an NVIDIA GPU.
 Writes JSON and a latency/memory plot under --out; prints a table last.
 """
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ from anchoredit_jax import flops, sharding as sh
 from anchoredit_jax.data.tokenize import tokenize
 from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn, tree_bytes
 from anchoredit_jax.models.model import build
+from anchoredit_jax.train import Trainer, make_data
 from benchmark import opprofile
 
 INSTRUCTION = "make the red circle blue"
@@ -98,7 +100,6 @@ def projection_ceiling(cfg, batch, reps):
 
 
 def stage_config(stage, preset, attention=""):
-  import importlib
   cfg = importlib.import_module(f"configs.{stage}").get_config(preset)
   if attention:
     cfg.model.attention_kernel = attention
@@ -113,7 +114,6 @@ def stage_config(stage, preset, attention=""):
 def compiled_step(cfg):
   """A stage's train step on one fixed batch over all local devices (data-parallel): (one() that
   runs a step and returns its metrics, the compiled program)."""
-  from anchoredit_jax.train import Trainer, make_data
   cfg.mesh = dict(data=len(jax.devices()), fsdp=1, tensor=1)
   tr = Trainer(cfg)
   holder = [tr.init_state(jax.random.key(0))]

@@ -138,6 +138,7 @@ def test_edited_or_incomplete_checkpoint_folders_are_named(runs, image, tmp_path
   for name, change, msg in (
       ("heads5", lambda c: c["model"].update(heads=5), "model.dim=64 is not divisible by model.heads=5"),
       ("heads1", lambda c: c["model"].update(heads=1), "was saved with model.heads="),
+      ("window", lambda c: c["causal"].update(window=3), "was saved with causal.window="),
       ("notjson", None, "is not a valid config"),
       ("onlyconfig", None, "neither params.safetensors nor checkpoints/"),
   ):

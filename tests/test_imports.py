@@ -5,7 +5,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("anchoredit_jax", "configs")
+PACKAGES = ("anchoredit_jax", "configs", "benchmark")
 # imports that may stay inside a function: each loads an optional heavy dependency only where a
 # code path needs it (a TPU kernel library)
 DEFERRED_OK = {("anchoredit_jax.models.attention", "anchoredit_jax.models.splash")}
