@@ -25,7 +25,7 @@ from configs.common import model_config
 
 # model fields that change how the model computes, not what its parameters are: a run may resume,
 # or a stage start from one, with other values of these (another attention kernel on another device)
-COMPUTE_ONLY = ("attention_kernel", "remat", "dtype")
+COMPUTE_ONLY = ("attention_kernel", "remat", "dtype", "gate_hard")
 
 
 # model fields added after runs were already made, with the value those runs had without them

@@ -41,6 +41,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       concat_prev=True, concat_anchor=False, source_context=False, prediction="velocity", abs_pos=False,
       copy_gate=False,  # an output channel gating between the new turn and the previous one (dit.py)
       gate_from="prev",  # what the gate copies: "prev" (the previous turn) or "anchor" (the source)
+      gate_hard=False,  # inference: round the gate to 0/1 (no gradient; not for training)
       rope_stride=1,    # temporal RoPE positions = turn index x stride (the authors use 4)
       attention_kernel="xla", remat="none",
       dtype="float32"))  # compute dtype of the DiT's blocks (float32 or bfloat16); params stay float32

@@ -187,6 +187,22 @@ def test_copy_gate_blends_towards_the_previous_turn():
   assert float(jnp.abs(v0).max()) > 1e-2
 
 
+def test_a_hard_gate_gives_each_pixel_the_reference_or_the_prediction_exactly():
+  """keep rounded at 0.5: where sigmoid(logit + offset) > 0.5 the clean prediction is the previous
+  turn itself, elsewhere the ungated one (what a soft gate only approaches)."""
+  b, H, C = 1, 4, 3
+  v, x_t, prev = (jax.random.normal(jax.random.key(i), (b, H, H, C)) for i in range(3))
+  logit = jnp.where(jnp.arange(H)[None, :, None] < 2, 20.0, -20.0) * jnp.ones((b, H, H)) - dit.GATE_OFFSET
+  logit = logit.at[0, 0, 0].set(-dit.GATE_OFFSET + 0.1)  # keep just over 0.5
+  t = 0.5
+  out = dit.copy_gated(v, x_t, t, prev, logit, hard=True)
+  x0 = x_t - t * out
+  np.testing.assert_allclose(x0[:, :2], prev[:, :2], atol=1e-5)
+  np.testing.assert_allclose(out[:, 2:], v[:, 2:], atol=1e-6)
+  soft = dit.copy_gated(v, x_t, t, prev, logit)
+  assert float(jnp.abs((x_t - t * soft)[0, 0, 0] - prev[0, 0, 0]).max()) > 1e-3  # soft: only half way
+
+
 def test_gated_stage_2_grows_from_the_shipped_stage_1_and_learns_its_gate():
   src = os.path.join(REF, "pretrain")
   old_cfg, old_graph, old_params, _ = load_params(src)

@@ -102,11 +102,15 @@ def _pad_folded(a, axis: int, patch: int, channels: int):
   return xp.pad(k, pad).reshape(a.shape[:axis] + (patch * patch * channels,) + a.shape[axis + 1:])
 
 
-def copy_gated(v, x_t, t, prev, logit):
+def copy_gated(v, x_t, t, prev, logit, hard=False):
   """Blend the predicted clean turn with the previous turn where the gate says keep:
   x0' = (1 - keep) x0 + keep prev, returned as the velocity it implies, v + keep (x0 - prev) / t.
-  v/x_t/prev [..., H, W, C], t broadcastable to them, logit [..., H, W] -> [..., H, W, C]."""
+  v/x_t/prev [..., H, W, C], t broadcastable to them, logit [..., H, W] -> [..., H, W, C].
+  `hard` (inference only: it has no gradient) rounds keep to 0 or 1, so a pixel is either the
+  reference's exactly or the new prediction's."""
   keep = jax.nn.sigmoid(logit + GATE_OFFSET)[..., None]
+  if hard:
+    keep = (keep > 0.5).astype(keep.dtype)
   x0 = x_t - t * v
   return v + keep * (x0 - prev) / jnp.maximum(t, X0_MIN_T)
 
@@ -254,7 +258,8 @@ class CausalDiT(nnx.Module):
       raise ValueError(f"model.prediction={cfg.prediction!r}; use velocity, x0 or x0_residual")
     if logit is not None:
       out = copy_gated(out, x[..., :C], t[:, :, None, None, None],
-                       gate_reference(cfg, cond, C).astype(out.dtype), logit)
+                       gate_reference(cfg, cond, C).astype(out.dtype), logit,
+                       hard=bool(cfg.get("gate_hard", False)))
       if with_gate:
         return out, kv, logit + GATE_OFFSET
     elif with_gate:
