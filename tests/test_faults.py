@@ -270,3 +270,19 @@ def test_a_grace_period_that_runs_out_exits_75_at_once_and_the_run_resumes(tmp_p
   assert "grace period (train.preempt_grace) ran out before step" in out, out[-2000:]
   again = train_cli(wd, "--config.train.steps=1", *RUN)  # steps=1: nothing left to train
   assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-2000:]
+
+
+def test_a_checkpoint_older_than_a_state_key_restores_without_it(tmp_path):
+  """A run saved before `nonfinite` existed (and without checksums) still resumes: the key named
+  optional is left out of the restored state for the trainer to fill in."""
+  mngr = ocp.CheckpointManager(tmp_path / "checkpoints", item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
+  old = {"params": {"w": jnp.arange(4.0)}, "step": jnp.int32(3)}
+  mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(old), extra=ocp.args.JsonSave({"x": 1})))
+  mngr.wait_until_finished()
+  target = {**jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), old),
+            "nonfinite": {"total": jax.ShapeDtypeStruct((), jnp.int32)}}
+  step, state, extra = checkpoint.restore_newest(mngr, str(tmp_path), target, optional=("nonfinite",))
+  mngr.close()
+  assert step == 3 and sorted(state) == ["params", "step"] and extra == {"x": 1}
+  np.testing.assert_array_equal(state["params"]["w"], np.arange(4.0))
