@@ -163,7 +163,7 @@ def load_params(workdir, step=None, mesh=None):
     restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(state=restore, extra=ocp.args.JsonRestore()))
+      state = mngr.restore(step, args=ocp.args.Composite(state=restore))["state"]
     except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many kinds on damaged files)
       fit = "" if extra.get("config_fields") else "does not fit its config.json or "
       raise ValueError(f"checkpoint {step} of {workdir} {fit}cannot be read ({short(e, 160)}); "
@@ -171,23 +171,22 @@ def load_params(workdir, step=None, mesh=None):
                        "step") from e
   finally:
     mngr.close()
-  extra = restored["extra"] or {}
-  differ = integrity.mismatches(restored["state"], extra.get("checksums", {}))
+  differ = integrity.mismatches(state, extra.get("checksums", {}))
   if differ:
     raise ValueError(f"checkpoint {step} of {workdir} is damaged: {len(differ)} parameter array(s) "
                      f"differ from their saved checksums (e.g. {differ[0]}); resume the run (python -m "
                      "anchoredit_jax.train) to move it aside and fall back to an intact step")
-  return cfg, graphdef, restored["state"]["params"], step
+  return cfg, graphdef, state["params"], step
 
 
 def save_step(mngr, step, state, extra: dict):
   """Save `state` and the JSON `extra` as `step`, with the checksums of every array of the state."""
   directory = os.fspath(mngr.directory)
   need = sum(x.nbytes for x in jax.tree.leaves(state))  # orbax compresses: an upper bound
-  if os.path.isdir(directory) and shutil.disk_usage(directory).free < need:  # local disks only
+  free = shutil.disk_usage(directory).free if os.path.isdir(directory) else None  # local disks only
+  if free is not None and free < need:
     raise ValueError(f"No space left on device: the checkpoint of step {step} needs up to "
-                     f"{need / 2**20:.0f} MiB and {shutil.disk_usage(directory).free / 2**20:.0f} "
-                     f"MiB are free in {directory}")
+                     f"{need / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free in {directory}")
   extra = {**extra, "checksums": integrity.tree_checksums(state)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           extra=ocp.args.JsonSave(extra)), force=True)

@@ -172,7 +172,7 @@ def main(argv=None):
   try:
     run(args)
   except (ValueError, FileNotFoundError) as e:
-    errors.fail(errors.short(e.args[0] if e.args else e, 400))
+    errors.fail(errors.message(e))
 
 
 if __name__ == "__main__":

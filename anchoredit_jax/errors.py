@@ -11,6 +11,11 @@ def short(e, limit: int = 200) -> str:
   return text if len(text) <= limit else text[:limit - 3].rsplit(" ", 1)[0] + " ..."
 
 
+def message(e, limit: int = 400) -> str:
+  """The one line to print for an exception we raised ourselves (its first argument)."""
+  return short(e.args[0] if e.args else e, limit)
+
+
 def fail(message: str, code: int = 2):
   """Print `error: message` and exit now with `code`. os._exit, not sys.exit: after a failed
   orbax save or restore its background threads would print tracebacks at interpreter shutdown,

@@ -98,7 +98,7 @@ def main(argv=None):
   try:
     meta = export(args.run, args.out, dtype=args.dtype, log=log, provenance=prov)
   except (ValueError, FileNotFoundError) as e:
-    errors.fail(errors.short(e.args[0] if e.args else e, 400))
+    errors.fail(errors.message(e))
   size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
   print(f"{args.run} step {meta['step']} -> {args.out} ({size / 2 ** 20:.1f} MiB, {args.dtype}, "
         f"largest rounding {meta['max_abs_rounding']:.2e})")

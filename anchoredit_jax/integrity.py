@@ -50,13 +50,17 @@ def mismatches(tree, saved: dict) -> list:
   return [k for k, v in now.items() if k in saved and list(saved[k]) != v]
 
 
+@jax.jit
+def _any_nonfinite(leaves):
+  return [~jnp.isfinite(a).all() for a in leaves]
+
+
 def nonfinite(tree) -> list:
   """The floating-point leaves of `tree` that hold a NaN or an Inf."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  bad = jax.device_get(jax.jit(lambda leaves: [~jnp.isfinite(a).all() for a in leaves])(
-      [a for _, a in flat if jnp.issubdtype(a.dtype, jnp.floating)]))
-  names = [key(p) for p, a in flat if jnp.issubdtype(a.dtype, jnp.floating)]
-  return [n for n, b in zip(names, bad) if b]
+  floats = [(key(p), a) for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(a.dtype, jnp.floating)]
+  bad = jax.device_get(_any_nonfinite([a for _, a in floats]))
+  return [name for (name, _), b in zip(floats, bad) if b]
 
 
 def file_sha256(path, chunk=1 << 20) -> str:

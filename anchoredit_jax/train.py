@@ -549,7 +549,7 @@ def main():
         errors.fail(f"no space left on the device of {workdir.value or cfg.workdir} while saving a "
                     "checkpoint; free space and rerun the same command (it resumes from the last "
                     "complete checkpoint)")
-      errors.fail(errors.short(e.args[0] if e.args else e, 400))
+      errors.fail(errors.message(e))
     if jax.process_index() == 0:
       print(json.dumps(summary))
 
