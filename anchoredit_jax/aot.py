@@ -269,6 +269,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--mesh {args.mesh!r}: give data=N,fsdp=N,tensor=N (one may be -1)")
       mesh[k] = int(v)
     configs = load_configs(args.config, rest, args.stages)
+    cli.stop_if_args_only()
     try:
       jax.config.update("jax_platforms", "cpu")  # the target is described, never run, here
     except RuntimeError:

@@ -1,9 +1,28 @@
 """What the project's commands share."""
+import os
 import sys
 
 from absl import flags
 
 from configs.common import config_error
+
+# Set to 1, every command parses its flags (and --config with its overrides), prints
+# `arguments ok` and exits 0 before reading or writing anything: tests/test_readme.py checks the
+# README's long-running commands (training, pods, benchmarks) this way, exactly as written.
+ARGS_ONLY = "ANCHOREDIT_ARGS_ONLY"
+
+
+def stop_if_args_only():
+  if os.environ.get(ARGS_ONLY) == "1":
+    print("arguments ok")
+    sys.exit(0)
+
+
+def parse_args(ap, argv=None):
+  """`ap.parse_args(argv)`, honouring ARGS_ONLY."""
+  args = ap.parse_args(argv)
+  stop_if_args_only()
+  return args
 
 
 def description(doc: str) -> str:
@@ -24,8 +43,9 @@ def absl_flags_parser(doc: str):
       rest = flags.FLAGS(argv)
       for name in flags.FLAGS:  # a config file that failed to load raises when first used
         hasattr(flags.FLAGS[name].value, "to_json")
-      return rest
     except (flags.Error, AttributeError, KeyError, OSError) as e:
       print(f"error: {config_error(e)}", file=sys.stderr, flush=True)
       sys.exit(2)
+    stop_if_args_only()
+    return rest
   return parse

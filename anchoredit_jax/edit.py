@@ -87,7 +87,7 @@ def parse(argv):
   ap.add_argument("--steps", type=int, default=50, help="teacher Euler steps")
   ap.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the run's)")
   ap.add_argument("--seed", type=int, default=0)
-  return ap.parse_args(argv)
+  return cli.parse_args(ap, argv)
 
 
 def check_args(args):

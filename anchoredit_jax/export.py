@@ -90,7 +90,7 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
   ap.add_argument("--command", default=None, help="for runs without provenance.jsonl: how it was made")
   ap.add_argument("--commit", default=None, help="for runs without provenance.jsonl: git commit it ran at")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   log = args.log or (args.run.rstrip("/") + ".log" if os.path.exists(args.run.rstrip("/") + ".log") else None)
   prov = None
   if args.command or args.commit:

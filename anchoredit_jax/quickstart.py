@@ -110,7 +110,7 @@ def main(argv=None):
   ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--teacher-steps", type=int, default=50)
   ap.add_argument("--seed", type=int, default=0, help="held-out scene of the session")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   missing = [s for s in STAGES if not os.path.exists(os.path.join(args.weights, s, "params.safetensors"))]
   if missing:
     print(f"error: no reference checkpoint for {missing} in {args.weights}; make them with "

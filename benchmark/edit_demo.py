@@ -29,7 +29,7 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0, help="held-out sequence seed")
   ap.add_argument("--res", type=int, default=32)
   ap.add_argument("--out", default="benchmark/results/edit/latest")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
 
   seq = shapes.make_sequence(args.seed, args.turns, args.res, split="heldout")
   with tempfile.TemporaryDirectory() as tmp:

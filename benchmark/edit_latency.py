@@ -86,7 +86,7 @@ def main(argv=None):
   ap.add_argument("--teacher-steps", type=int, default=50)
   ap.add_argument("--teacher-turns", type=int, default=3)
   ap.add_argument("--json", default="benchmark/results/speed/latest/edit_latency.json")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
 
   print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
         f"devices {[d.device_kind for d in jax.devices()]}, jax {jax.__version__}")

@@ -25,7 +25,7 @@ def main(argv=None):
   ap.add_argument("--steps", default="20", help="comma-separated Euler step counts")
   ap.add_argument("--guidance", default="2.0", help="comma-separated CFG scales")
   ap.add_argument("--pairs", type=int, default=None, help="held-out pairs (default: the run's)")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
 
   try:
     cfg, graphdef, params, step = load_params(args.workdir)

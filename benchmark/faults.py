@@ -167,7 +167,7 @@ def main(argv=None):
   ap.add_argument("--kinds", default="kill,term")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default="benchmark/results/faults/latest")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; command: python -m benchmark.faults "
         + " ".join(argv if argv is not None else sys.argv[1:]), flush=True)
   start = time.time()

@@ -66,7 +66,7 @@ def main(argv=None):
   ap.add_argument("--all", action="store_true", help="train the runs the systems lack first")
   ap.add_argument("--preset", default="toy", help="config preset of runs trained by --all")
   ap.add_argument("--out", default="benchmark/results/multiturn/latest")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]
   bad = [s for s in systems if s not in mt.SYSTEMS]
   if bad or args.turns < 1 or args.sequences < 1 or (args.baseline_sequences or 1) < 1:

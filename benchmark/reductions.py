@@ -25,7 +25,7 @@ CASES = {"adaLN gradient (tokens)": ((32, 1, 64, 192), (2,)),
 def main(argv=None):
   ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("--reps", type=int, default=200)
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   print_header("reductions", argv)
   print("\n| sum of products | shape, axis | multiply + reduce (us) | dot_sum (us) | ratio |\n|---|---|---|---|---|")
   for name, (shape, axes) in CASES.items():

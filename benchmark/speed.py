@@ -243,7 +243,7 @@ def main(argv=None):
                   "its time per XLA op kind (traces under --out/profile, for TensorBoard/Perfetto)")
   ap.add_argument("--dtypes", default="", help="compute dtypes to time each preset at, e.g. "
                   "float32,bfloat16 (default: the preset's model.dtype)")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   dev = jax.devices()[0]
   command = print_header("speed", argv)
   n = args.matmul or (2048 if dev.platform == "cpu" else 8192)

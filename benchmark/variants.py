@@ -63,7 +63,7 @@ def main(argv=None):
   ap.add_argument("--preset", default="toy")
   ap.add_argument("--stages", default="pretrain")
   ap.add_argument("--rounds", type=int, default=8)
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   variants = [""] + args.variants
   try:  # refuse a typo before compiling anything
     for stage in args.stages.split(","):

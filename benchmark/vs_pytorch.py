@@ -72,7 +72,7 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
   ap.add_argument("--out", default="benchmark/results/parity/latest")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   import torch
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
         f"({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads)")

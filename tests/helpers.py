@@ -76,3 +76,36 @@ def word_tokenizer(texts, path):
                                               eos_token="</s>", unk_token="<unk>")
   fast.save_pretrained(path)
   return str(path)
+
+
+def tiny_wan_folder(root, channels=4, text_dim=32):
+  """A tiny random Wan2.1 diffusers folder (transformer, vae, text_encoder, tokenizer) written by
+  diffusers / transformers themselves, every weight moved off its initial value; `root`."""
+  import diffusers
+  import torch
+  import transformers
+  from anchoredit_jax.data import shapes
+
+  def perturb(model):
+    with torch.no_grad():
+      for p in model.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    return model
+
+  torch.manual_seed(0)
+  C = channels
+  perturb(diffusers.WanTransformer3DModel(
+      patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=C,
+      out_channels=C, text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=2)
+  ).save_pretrained(root / "transformer")
+  perturb(diffusers.AutoencoderKLWan(
+      base_dim=8, z_dim=C, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+      temperal_downsample=[False, True, True], latents_mean=[0.1] * C, latents_std=[1.5] * C)
+  ).save_pretrained(root / "vae")
+  perturb(transformers.UMT5EncoderModel(transformers.UMT5Config(
+      vocab_size=128, d_model=text_dim, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+      relative_attention_num_buckets=8, relative_attention_max_distance=16))
+  ).save_pretrained(root / "text_encoder")
+  texts = [t for s in range(40) for t in shapes.make_sequence(s, 3, 32, "train")["instructions"]]
+  word_tokenizer(texts, root / "tokenizer")
+  return root

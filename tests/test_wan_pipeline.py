@@ -20,38 +20,15 @@ from anchoredit_jax.convert import wan  # noqa: E402
 from anchoredit_jax.data import shapes  # noqa: E402
 from configs import common  # noqa: E402
 from configs.wan import pretrain as wan_pretrain  # noqa: E402
-from tests.helpers import word_tokenizer  # noqa: E402
+from tests.helpers import tiny_wan_folder  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, TEXT_DIM = 4, 32
 
 
-def _perturb(model):
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  return model
-
-
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
-  torch.manual_seed(0)
-  root = tmp_path_factory.mktemp("Wan-tiny-Diffusers")
-  _perturb(diffusers.WanTransformer3DModel(
-      patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=C,
-      out_channels=C, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2)
-  ).save_pretrained(root / "transformer")
-  _perturb(diffusers.AutoencoderKLWan(
-      base_dim=8, z_dim=C, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-      temperal_downsample=[False, True, True], latents_mean=[0.1] * C, latents_std=[1.5] * C)
-  ).save_pretrained(root / "vae")
-  _perturb(transformers.UMT5EncoderModel(transformers.UMT5Config(
-      vocab_size=128, d_model=TEXT_DIM, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
-      relative_attention_num_buckets=8, relative_attention_max_distance=16))
-  ).save_pretrained(root / "text_encoder")
-  texts = [t for s in range(40) for t in shapes.make_sequence(s, 3, 32, "train")["instructions"]]
-  word_tokenizer(texts, root / "tokenizer")
-  return root
+  return tiny_wan_folder(tmp_path_factory.mktemp("Wan-tiny-Diffusers"), C, TEXT_DIM)
 
 
 def test_config_follows_the_folder(wan_folder):

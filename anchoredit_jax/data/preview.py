@@ -87,7 +87,7 @@ def main(argv=None):
   ap.add_argument("--source", action="store_true",
                   help="write one held-out source image (--seed) as a PNG and print its instructions")
   ap.add_argument("--seed", type=int, default=0, help="held-out sequence for --source")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   if args.source:
     print(source_png(args.out, args.seed, args.turns, args.res, args.background))
   elif args.degradation:

@@ -182,9 +182,10 @@ def main(argv=None):
   ap.add_argument("--out", required=True)
   args, overrides = ap.parse_known_args(argv)
   try:
-    check_out(args.out)  # before the encoder runs
     cfg = load_configs(args.config, overrides, "")[0][1]
     check_frozen(cfg.model)
+    cli.stop_if_args_only()
+    check_out(args.out)  # before the encoder runs
     model = nnx.merge(abstract_split(cfg.model)[0], growth.load_init(cfg))
     n = len(all_instructions())
     with tqdm(total=n, desc="text store", unit="instr") as bar:

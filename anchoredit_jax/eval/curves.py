@@ -54,7 +54,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=cli.description(__doc__))
   ap.add_argument("workdir")
   ap.add_argument("--out", default=None, help="PNG path (default: <workdir>/curves.png)")
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   try:
     out = args.out or os.path.join(args.workdir, "curves.png")
     plot(read_evals(args.workdir), out, args.workdir)

@@ -55,7 +55,7 @@ def main(argv=None):
   ap.add_argument("workdir")
   ap.add_argument("--out", required=True)
   ap.add_argument("-n", type=int, default=12)
-  args = ap.parse_args(argv)
+  args = cli.parse_args(ap, argv)
   try:
     print(sample_grid(args.workdir, args.out, args.n))
   except (FileNotFoundError, ValueError) as e:
