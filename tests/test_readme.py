@@ -116,3 +116,16 @@ def test_args_only_is_honoured_after_the_config_is_read():
                       "--config.causal.windw=3"], cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=120)
   assert p.returncode == 2 and "windw" in p.stderr and "arguments ok" not in p.stdout
+
+
+def test_layout_names_every_module():
+  """The README's Layout names every module and script of the tree (by file name)."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    layout = f.read().split("## Layout", 1)[1].split("\n## ", 1)[0]
+  files = subprocess.run(["git", "ls-files", "anchoredit_jax", "benchmark", "configs", "launch"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+  names = {os.path.basename(f).removesuffix(".py") for f in files
+           if f.endswith((".py", ".sh", ".sbatch")) and not f.endswith("__init__.py")}
+  assert names, "git ls-files found nothing"
+  missing = sorted(n for n in names if n not in layout)
+  assert not missing, f"modules the README's Layout does not name: {missing}"
