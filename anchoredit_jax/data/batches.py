@@ -1,0 +1,187 @@
+"""Batches of multi-turn samples per (turns, height, width) bucket, with a checkpointable position.
+
+Samples are read in a seeded order (a new permutation each epoch) by grain's prefetching threads,
+each parsed (`wds.parse`), given its aspect-ratio bucket, cropped and resized (`buckets.py`) and
+tokenized. A sample waits in its bucket until the bucket holds a batch. Bad samples are skipped,
+counted per defect kind (`counts`, cumulative over resumes) and warned about once per kind.
+
+The state (`get_state`) is grain's read position plus the indices of the samples waiting in
+buckets and the defect counts: a small JSON-able dict, so a resumed run continues with exactly
+the batches an uninterrupted one would have had.
+
+Several processes: each reads its own shards, but a train step needs one shape on all of them.
+After each read the processes `agree` (an all-gather of every process's bucket fill, e.g.
+`multihost_utils.process_allgather`) and all emit the bucket that is full everywhere, or read
+again; they stop together when one runs out. The step then has at most
+`len(buckets) x max_turns` shapes, reported by `variants`.
+"""
+import functools
+import sys
+
+import grain
+import numpy as np
+
+from anchoredit_jax.data import buckets as bk, wds
+from anchoredit_jax.data.tokenize import tokenize_batch
+
+
+@functools.lru_cache(maxsize=4)
+def permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def alone(counts):
+  """`agree` of a single process: its own counts as a [1, K] array."""
+  return np.asarray(counts)[None]
+
+
+class BucketBatches(grain.DatasetIterator):
+  """Batches {"images": uint8 [B, T+1, h, w, 3], "tokens": int32 [B, T, text_len]} of one bucket
+  each; `counts` the defects so far; `variants` the bucket shapes a step can see."""
+
+  def __init__(self, source, *, batch_size, base, text_len, seed, step=64, max_ratio=4.0,
+               max_turns=None, exact_turns=False, language="en", tokenizer="bytes",
+               num_epochs=None, shuffle=True, read_threads=1, prefetch=16, agree=alone):
+    super().__init__()
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if language not in wds.LANGUAGES + ("random",):
+      raise ValueError(f"language {language!r}: give one of {wds.LANGUAGES + ('random',)}")
+    if agree is not alone and max_turns is None:
+      raise ValueError("several processes need data.max_turns (the turn counts must be known)")
+    if not len(source):
+      raise ValueError("no samples in this process's shards")
+    self.source, self.B, self.seed, self.agree = source, batch_size, seed, agree
+    self.buckets = bk.hw_buckets(base, step, max_ratio)
+    self.max_turns = max_turns
+    self.parse = dict(max_turns=max_turns, exact_turns=exact_turns)
+    self.language, self.text_len, self.tokenizer = language, text_len, tokenizer
+    n = len(source)
+    self.shuffle = shuffle
+    reads = grain.MapDataset.range(n * num_epochs if num_epochs else sys.maxsize)
+    self.reads = reads.map(lambda p: self._load(self._index(p)))
+    self.options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    self._start({"read": None, "pending": {}, "counts": {}})
+
+  # --- reading ---------------------------------------------------------------------------
+
+  def _index(self, p: int) -> int:
+    """Source index of the p-th read: a fresh permutation of the samples each epoch."""
+    n = len(self.source)
+    epoch, j = divmod(int(p), n)
+    return int(permutation(self.seed, epoch, n)[j]) if self.shuffle else j
+
+  def _load(self, i: int):
+    """(source index, prepared sample or None, defects) of sample i."""
+    language = self.language
+    if language == "random":  # per sample, the same on every read of it
+      language = wds.LANGUAGES[np.random.default_rng([self.seed, i, 7]).integers(len(wds.LANGUAGES))]
+    sample, defects = wds.parse(self.source[i], language=language, **self.parse)
+    if sample is None:
+      return i, None, defects
+    T = len(sample["instructions"])
+    h, w = bk.pick(*sample["images"][0].shape[:2], self.buckets)
+    images = np.stack([bk.crop_resize(im, h, w) for im in sample["images"]])
+    tokens = tokenize_batch(sample["instructions"], self.text_len, self.tokenizer)
+    return i, {"key": (T, h, w), "images": images, "tokens": tokens}, defects
+
+  # --- state -----------------------------------------------------------------------------
+
+  def _start(self, state):
+    self.it = iter(self.reads.to_iter_dataset(self.options))
+    if state["read"] is not None:
+      self.it.set_state(state["read"])
+    self.counts = dict.fromkeys(wds.DEFECTS, 0) | dict(state["counts"])
+    self.warned = {k for k, v in self.counts.items() if v}
+    self.pending = {}  # (T, h, w) -> [prepared samples]
+    self.waiting = {}  # the same as source indices, for the state
+    for _, indices in sorted(state["pending"].items()):
+      for i in indices:
+        _, s, _ = self._load(i)
+        self._add(i, s)
+    self.done = False
+
+  def get_state(self):
+    return {"read": self.it.get_state(), "counts": dict(self.counts),
+            "pending": {"x".join(map(str, k)): list(v) for k, v in self.waiting.items()}}
+
+  def set_state(self, state):
+    self._start(state)
+
+  # --- batching --------------------------------------------------------------------------
+
+  @property
+  def variants(self):
+    """How many batch shapes (compiled step variants) this data can produce at most; None when
+    the turn counts are unbounded (no max_turns)."""
+    if self.max_turns is None:
+      return None
+    return len(self.buckets) * (1 if self.parse["exact_turns"] else self.max_turns)
+
+  def _add(self, i, sample):
+    self.pending.setdefault(sample["key"], []).append(sample)
+    self.waiting.setdefault(sample["key"], []).append(i)
+
+  def _slot(self, key) -> int:
+    T, h, w = key
+    return (T - 1) * len(self.buckets) + self.buckets.index((h, w))
+
+  def _fill(self) -> np.ndarray:
+    K = len(self.buckets) * (self.max_turns or 1)
+    fill = np.zeros(K + 1, np.int64)  # the last entry: this process has run out
+    for key, samples in self.pending.items():
+      if self.max_turns is None:  # one process: any bucket, by its own order
+        continue
+      fill[self._slot(key)] = len(samples)
+    fill[K] = self.done
+    return fill
+
+  def _ready(self):
+    """The bucket to emit now (agreed by every process), None to read on, or StopIteration."""
+    if self.max_turns is None:  # alone, and the turn counts unbounded: no slots to agree on
+      full = [k for k, s in self.pending.items() if len(s) >= self.B]
+      if full:
+        return max(full, key=lambda k: (len(self.pending[k]), k))  # ties: by key, as after a resume
+      if self.done:
+        raise StopIteration
+      return None
+    every = self.agree(self._fill())  # [P, K + 1]
+    least = every[:, :-1].min(axis=0)
+    if least.max() >= self.B:
+      slot = int(np.argmax(least))
+      T, b = divmod(slot, len(self.buckets))
+      return (T + 1,) + self.buckets[b]
+    if every[:, -1].any():
+      raise StopIteration
+    return None
+
+  def _read_one(self):
+    try:
+      i, sample, defects = next(self.it)
+    except StopIteration:
+      self.done = True
+      return
+    for d in defects:
+      self.counts[d] += 1
+      if d not in self.warned:
+        self.warned.add(d)
+        print(f"data: {d} in sample {self.source.entries[i].key} of "
+              f"{self.source.entries[i].shard} ({'skipped' if sample is None else 'kept'}); "
+              "further ones are only counted (metrics: data_<kind>)", file=sys.stderr)
+    if sample is not None:
+      self._add(i, sample)
+
+  def __next__(self):
+    while (key := self._ready()) is None:
+      if not self.done:
+        self._read_one()
+    samples = self.pending[key][:self.B]
+    self.pending[key] = self.pending[key][self.B:]
+    self.waiting[key] = self.waiting[key][self.B:]
+    return {"images": np.stack([s["images"] for s in samples]),
+            "tokens": np.stack([s["tokens"] for s in samples])}
+
+  def close(self):
+    it = getattr(self, "it", None)  # absent when __init__ refused its arguments
+    if hasattr(it, "close"):
+      it.close()

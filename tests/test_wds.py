@@ -1,0 +1,172 @@
+"""Multi-turn WebDataset shards: the layout's rules, every defect skipped and counted, aspect-ratio
+buckets, a resumed iterator that continues exactly, and two processes that agree on each batch's
+bucket. The shards are tiny ones written here."""
+import json
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+from anchoredit_jax.data import batches, buckets as bk, wds
+
+
+def _img(h, w, seed):
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _sample(key, turns, h, w, seed=0):
+  return {"key": key, "images": [_img(h, w, seed + t) for t in range(turns + 1)],
+          "instructions": [f"edit {t} of {key}" for t in range(turns)]}
+
+
+def _raw(key, turns, h=16, w=16, **change):
+  """A sample as tar members, with members replaced (a value) or dropped (None)."""
+  s = {"__key__": key, "json": json.dumps({"instructions": [{"en": f"en {t}", "zh": f"zh {t}"}
+                                                            for t in range(turns)]}).encode()}
+  for t in range(turns + 1):
+    s[f"{t}.png"] = wds.encode_image(_img(h, w, t))
+  for k, v in change.items():
+    k = k.replace("_", ".")
+    if v is None:
+      s.pop(k, None)
+    else:
+      s[k] = v
+  return s
+
+
+def test_buckets_follow_the_authors_construction():
+  b = bk.hw_buckets(1024)
+  assert len(b) == 49 and (1024, 1024) in b and b[0] == (2048, 512) and b[-1] == (512, 2048)
+  assert all(h * w <= 1024 ** 2 and h % 64 == 0 and w % 64 == 0 and max(h, w) <= 4 * min(h, w)
+             for h, w in b)
+  assert bk.pick(720, 1280, b) == (768, 1344) and bk.pick(500, 500, b) == (1024, 1024)
+  with pytest.raises(ValueError, match="multiple of the step"):
+    bk.hw_buckets(100)
+  out = bk.crop_resize(_img(30, 60, 0), 64, 64)  # centre square of a wide image
+  assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+  same = _img(64, 128, 1)
+  np.testing.assert_array_equal(bk.crop_resize(same, 64, 128), same)
+
+
+def test_parse_keeps_good_samples_and_names_each_defect():
+  good, d = wds.parse(_raw("a", 2), language="zh")
+  assert d == [] and good["instructions"] == ["zh 0", "zh 1"] and len(good["images"]) == 3
+  assert wds.parse(_raw("a", 2, **{"json": json.dumps({"instructions": [{"en": "x"}, "y"]}).encode()}),
+                   language="zh")[0]["instructions"] == ["x", "y"]  # falls back to the other language
+  cases = {
+      "no_json": _raw("a", 2, json=None),
+      "bad_json": _raw("a", 2, json=b"{not json"),
+      "too_few_images": _raw("a", 2, **{"1_png": None, "2_png": None}),
+      "gap_in_turns": _raw("a", 2, **{"1_png": None}),
+      "instruction_count": _raw("a", 3, json=json.dumps({"instructions": [{"en": "x"}]}).encode()),
+      "empty_instruction": _raw("a", 1, json=json.dumps({"instructions": [{"en": "  "}]}).encode()),
+      "corrupt_image": _raw("a", 2, **{"2_png": b"\x89PNG not really"}),
+  }
+  for kind, raw in cases.items():
+    assert wds.parse(raw) == (None, [kind]), kind
+  cut, d = wds.parse(_raw("a", 4), max_turns=2)
+  assert d == ["truncated"] and len(cut["images"]) == 3 and len(cut["instructions"]) == 2
+  assert wds.parse(_raw("a", 1), max_turns=2, exact_turns=True) == (None, ["too_few_turns"])
+  # the authors' other names of a frame: frame_3.jpg, x_3.JPEG
+  ok, _ = wds.parse({"__key__": "k", "json": _raw("a", 1)["json"],
+                     "frame_0.JPG": wds.encode_image(_img(8, 8, 0), "jpg"),
+                     "frame_1.webp": wds.encode_image(_img(8, 8, 1), "webp")})
+  assert ok is not None and len(ok["images"]) == 2
+
+
+def test_shards_split_between_processes_and_read_by_seeking(tmp_path):
+  for s in range(3):
+    wds.write_shard(str(tmp_path / f"s{s}.tar"), [_sample(f"k{s}_{i}", 2, 16, 24) for i in range(2)])
+  paths = wds.shard_list(str(tmp_path / "*.tar"))
+  (tmp_path / "list.json").write_text(json.dumps({"resolved_files": [p.name for p in tmp_path.glob("*.tar")]}))
+  assert wds.shard_list(str(tmp_path / "list.json")) == paths
+  p0, p1 = wds.Source(paths, 0, 2), wds.Source(paths, 1, 2)
+  assert [e.key for e in p0.entries] == ["k0_0", "k0_1", "k2_0", "k2_1"]
+  assert [e.key for e in p1.entries] == ["k1_0", "k1_1"]
+  got, _ = wds.parse(p1[1])
+  assert got["instructions"] == ["edit 0 of k1_1", "edit 1 of k1_1"] and got["images"][0].shape == (16, 24, 3)
+  with pytest.raises(ValueError, match="every process needs at least one"):
+    wds.Source(paths, 3, 4)
+  with pytest.raises(FileNotFoundError, match="no shards"):
+    wds.shard_list(str(tmp_path / "none*.tar"))
+  # a shard cut short keeps the samples before the damage and is counted
+  data = (tmp_path / "s0.tar").read_bytes()
+  (tmp_path / "cut.tar").write_bytes(data[:len(data) * 2 // 3])
+  cut = wds.Source([str(tmp_path / "cut.tar")])
+  assert cut.corrupt_shards == 1 and [e.key for e in cut.entries] == ["k0_0"]
+
+
+def _mixed_shards(tmp_path):
+  """Two shards of good samples in three shapes and turn counts, with every defect mixed in."""
+  bad = [_raw("bad0", 2, json=None), _raw("bad1", 2, json=b"{"), _raw("bad2", 2, **{"1_png": None}),
+         _raw("bad3", 2, **{"2_png": b"junk"}),
+         _raw("bad4", 1, json=json.dumps({"instructions": [{"en": ""}]}).encode()), _raw("long", 4)]
+  good = [_sample(f"g{i}", 2, *[(16, 16), (16, 40), (40, 16)][i % 3], seed=i) for i in range(18)]
+  wds.write_shard(str(tmp_path / "a.tar"), good[:9] + bad[:3])
+  wds.write_shard(str(tmp_path / "b.tar"), good[9:] + bad[3:])
+  return wds.shard_list(str(tmp_path / "*.tar"))
+
+
+def _batcher(source, **kw):
+  kw = dict(batch_size=2, base=64, step=16, text_len=16, seed=3, max_turns=2) | kw
+  return batches.BucketBatches(source, **kw)
+
+
+def test_batches_are_one_bucket_each_and_count_what_was_skipped(tmp_path, capsys):
+  it = _batcher(wds.Source(_mixed_shards(tmp_path)), num_epochs=1)
+  out = list(it)
+  assert len(out) == 9  # 18 good + 1 truncated = 19 samples; a half-full bucket is dropped
+  shapes = {b["images"].shape for b in out}
+  assert shapes == {(2, 3, 64, 64, 3), (2, 3, 32, 80, 3), (2, 3, 80, 32, 3)}  # 16x40 -> 32x80
+  assert all(b["tokens"].shape == (2, 2, 16) and b["tokens"].dtype == np.int32 for b in out)
+  assert it.counts == dict.fromkeys(wds.DEFECTS, 0) | dict(
+      no_json=1, bad_json=1, gap_in_turns=1, corrupt_image=1, empty_instruction=1, truncated=1)
+  assert it.variants == len(it.buckets) * 2
+  err = capsys.readouterr().err
+  assert err.count("data: ") == 6 and "bad3" in err and "further ones are only counted" in err
+
+
+def test_a_restored_iterator_continues_exactly(tmp_path):
+  source = wds.Source(_mixed_shards(tmp_path))
+  ref = _batcher(source, num_epochs=3)
+  want = [next(ref) for _ in range(20)]
+  it = _batcher(source, num_epochs=3)
+  for _ in range(7):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  assert any(state["pending"].values())  # samples were waiting in buckets
+  again = _batcher(source, num_epochs=3)
+  again.set_state(state)
+  for a, b in zip(want[7:], [next(again) for _ in range(13)]):
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert again.counts == ref.counts
+
+
+def test_two_processes_agree_on_every_batch_shape(tmp_path):
+  paths = _mixed_shards(tmp_path)
+  barrier, slots, seen = threading.Barrier(2), [None, None], [[], []]
+
+  def make_agree(p):
+    def agree(fill):  # an all-gather between two threads
+      slots[p] = fill
+      barrier.wait()
+      out = np.stack(slots)
+      barrier.wait()
+      return out
+    return agree
+
+  def run(p):
+    it = _batcher(wds.Source(paths, p, 2), num_epochs=2, agree=make_agree(p))
+    seen[p] = [b["images"].shape for b in it]
+
+  threads = [threading.Thread(target=run, args=(p,)) for p in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert not any(t.is_alive() for t in threads), "the processes deadlocked"
+  assert seen[0] == seen[1] and len(seen[0]) >= 4 and len(set(seen[0])) >= 2
+  with pytest.raises(ValueError, match="max_turns"):
+    _batcher(wds.Source(paths), max_turns=None, agree=make_agree(0))
