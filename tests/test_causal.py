@@ -9,7 +9,7 @@ from flax import nnx
 
 from anchoredit_jax.checkpoint import load_params
 from anchoredit_jax.data import pipeline
-from anchoredit_jax.models.model import build, prev_cond
+from anchoredit_jax.models.model import build, init_memory, prev_cond
 from anchoredit_jax.growth import load_init
 from anchoredit_jax.stages import causal
 from configs import causal as causal_config
@@ -99,3 +99,17 @@ def test_stage_2_can_add_the_anchor_latent_to_a_stage_1_run_without_it():
   cfg.model.update(concat_prev=True, remat="dots", attention_kernel="splash", dtype="bfloat16")
   grown = load_init(cfg)
   assert jax.tree.structure(grown) == jax.tree.structure(params)
+
+
+def test_a_non_square_batch_trains_as_one_of_its_own_shape():
+  """Aspect-ratio buckets give H != W: the rollout runs on a 32x16 crop, its memory's token grid
+  follows the crop, and the loss is finite and depends on the crop's content."""
+  cfg, graphdef, params, batch = _setup(p_teacher=0.5)
+  left = {k: v[:, :, :, :16] if k != "tokens" else v for k, v in batch.items()}  # masks too
+  right = {**left, "images": batch["images"][:, :, :, 16:]}
+  f = jax.jit(lambda p, b: causal.rollout_losses(p, graphdef, b, jax.random.key(3), cfg))
+  a, b = f(params, left), f(params, right)
+  assert a.shape == (cfg.data.num_turns,) and np.isfinite(a).all() and not np.allclose(a, b)
+  mem = init_memory(cfg.model, 2, (32, 16), 1)
+  p, f_ = cfg.model.patch, cfg.model.ae_factor
+  assert mem.anchor_k.shape[-3] == (32 // f_ // p) * (16 // f_ // p)

@@ -57,7 +57,7 @@ def multi_turn(params, graphdef, cfg, seqs, rng):
   for i in range(0, len(seqs["images"]), cfg.eval.batch_size):
     sl = slice(i, i + cfg.eval.batch_size)
     imgs = seqs["images"][sl]
-    mem = init_memory(cfg.model, len(imgs), imgs.shape[2], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
+    mem = init_memory(cfg.model, len(imgs), imgs.shape[2:4], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
     mem = inference.start_memory(params, graphdef, mem, jnp.asarray(imgs[:, 0]))
     src = jnp.asarray(imgs[:, 0], jnp.float32) / 255.0
     per_turn = []

@@ -7,6 +7,7 @@ loaded with `load_wan_vae`) has the same interface plus `encode_video`/`decode_v
 import jax.numpy as jnp
 from einops import rearrange
 
+from anchoredit_jax.models.layers import downsampled
 from anchoredit_jax.models.wan_vae import WanVAE, WanVAEConfig, load_wan_vae  # noqa: F401  (re-export)
 
 
@@ -17,10 +18,9 @@ class PixelAutoencoder:
     self.factor = factor
     self.channels = 3 * factor * factor
 
-  def latent_shape(self, res: int) -> tuple[int, int, int]:
-    if res % self.factor:
-      raise ValueError(f"resolution {res} is not a multiple of the autoencoder factor {self.factor}")
-    return (res // self.factor, res // self.factor, self.channels)
+  def latent_shape(self, res) -> tuple[int, int, int]:
+    """(h, w, channels) of the latent of a res x res or (H, W) image."""
+    return downsampled(res, self.factor, "the autoencoder") + (self.channels,)
 
   def encode(self, images):
     x = images.astype(jnp.float32)

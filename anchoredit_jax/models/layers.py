@@ -15,6 +15,7 @@ import string
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from anchoredit_jax import sharding as sh
@@ -182,3 +183,12 @@ def sinusoidal(positions, dim, max_period=10000.0):
   freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = positions.astype(jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def downsampled(size, factor: int, what: str = "the autoencoder") -> tuple:
+  """(h, w) // factor of an image size given as one side (square) or (height, width); refuses a
+  side that is not a multiple of `factor`."""
+  hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+  if len(hw) != 2 or any(s % factor or s <= 0 for s in hw):
+    raise ValueError(f"image size {size} is not a positive multiple of {what} factor {factor}")
+  return hw[0] // factor, hw[1] // factor

@@ -11,6 +11,7 @@ from flax import nnx
 from anchoredit_jax.memory import AnchorMemory
 from anchoredit_jax.models.autoencoder import PixelAutoencoder, WanVAE, WanVAEConfig
 from anchoredit_jax.models.dit import CausalDiT
+from anchoredit_jax.models.layers import downsampled
 from anchoredit_jax.models.text import ByteTextEncoder, lookup
 from anchoredit_jax.models.umt5 import UMT5Encoder
 
@@ -24,11 +25,10 @@ def make_autoencoder(cfg):
   raise ValueError(f"autoencoder {cfg.autoencoder!r} has parameters; use EditModel.autoencoder")
 
 
-def latent_shape(cfg, res: int) -> tuple[int, int, int]:
-  """(h, w, channels) of the latent of a res x res image, without building the autoencoder."""
-  if res % cfg.ae_factor:
-    raise ValueError(f"resolution {res} is not a multiple of the autoencoder factor {cfg.ae_factor}")
-  return (res // cfg.ae_factor, res // cfg.ae_factor, latent_channels(cfg))
+def latent_shape(cfg, res) -> tuple[int, int, int]:
+  """(h, w, channels) of the latent of a res x res (or (H, W)) image, without building the
+  autoencoder."""
+  return downsampled(res, cfg.ae_factor) + (latent_channels(cfg),)
 
 
 def latent_channels(cfg) -> int:
@@ -107,7 +107,7 @@ def abstract_split(cfg):
   return nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0))))
 
 
-def init_memory(cfg, batch: int, res: int, window: int, use_anchor: bool = True, dtype=None):
+def init_memory(cfg, batch: int, res, window: int, use_anchor: bool = True, dtype=None):
   """An empty AnchorMemory sized for this model and resolution. Keys and values are kept in the
   compute dtype (default): the DiT makes them in it, so a wider cache holds no more information
   (measured on an H200: a float32 cache of the 1.3B model was 1.6 GiB a session)."""

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax.convert.tensors import PICKLE_SUFFIXES, open_checkpoint, refuse_pickle
-from anchoredit_jax.models.layers import Dense, param
+from anchoredit_jax.models.layers import Dense, downsampled, param
 
 # Per-channel statistics of Wan2.1 posterior means (diffusers' AutoencoderKLWan config defaults);
 # latents are normalised as (mu - mean) / std.
@@ -279,10 +279,9 @@ class WanVAE(nnx.Module):
     self.post_quant_conv = causal_conv(cfg.z_dim, cfg.z_dim, rngs=rngs, k=1)
     self.decoder = Decoder(cfg, rngs=rngs)
 
-  def latent_shape(self, res: int) -> tuple[int, int, int]:
-    if res % self.factor:
-      raise ValueError(f"resolution {res} is not a multiple of the Wan VAE factor {self.factor}")
-    return (res // self.factor, res // self.factor, self.channels)
+  def latent_shape(self, res) -> tuple[int, int, int]:
+    """(h, w, channels) of the latent of a res x res or (H, W) image."""
+    return downsampled(res, self.factor, "the Wan VAE") + (self.channels,)
 
   def num_latent_frames(self, frames: int) -> int:
     if (frames - 1) % self.time_factor:

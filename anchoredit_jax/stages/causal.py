@@ -44,7 +44,7 @@ def rollout_inputs(model, cfg, batch):
   lat = model.autoencoder.encode(batch["images"])  # [b,K+1,H,W,C]
   b, K = lat.shape[0], lat.shape[1] - 1
   empty = jnp.broadcast_to(empty_tokens(mcfg), (b, mcfg.text_len))
-  mem = init_memory(mcfg, b, batch["images"].shape[2], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
+  mem = init_memory(mcfg, b, batch["images"].shape[2:4], memory_window(cfg, K), use_anchor=cfg.causal.anchor)
   swap = lambda a: jnp.swapaxes(a, 0, 1)
   xs = (jnp.arange(1, K + 1), swap(lat[:, 1:]), swap(batch["tokens"]), swap(batch["edit_masks"]),
         swap(gate_changed(mcfg, batch)))
@@ -84,7 +84,7 @@ def turn_target(c, x_gt, prev, mask):
     return x_gt
   if c.rollout_target != "composite":
     raise ValueError(f"causal.rollout_target={c.rollout_target!r}; choose from {ROLLOUT_TARGETS}")
-  return jnp.where(edit_region(mask, x_gt.shape[1])[..., None] > 0, x_gt, prev)
+  return jnp.where(edit_region(mask, x_gt.shape[1:3])[..., None] > 0, x_gt, prev)
 
 
 def turn_weighted(losses, alpha: float):

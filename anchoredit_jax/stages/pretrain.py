@@ -78,7 +78,7 @@ def loss_fn(params, graphdef, batch, rng, cfg, *, store=None):
 def gate_loss(keep_logit, changed):
   """Cross-entropy of the copy gate's keep logits [b,H,W] against "this latent pixel is as in
   what the gate copies" (an exact mask [b,R,R] of the changed pixels, on the latent grid)."""
-  keep = 1.0 - edit_region(changed, keep_logit.shape[1])
+  keep = 1.0 - edit_region(changed, keep_logit.shape[1:3])
   return jnp.mean(optax.sigmoid_binary_cross_entropy(keep_logit, keep))
 
 
@@ -91,12 +91,12 @@ def edit_weighted_loss(v, x0, noise, edit_mask, edit_weight):
 def weighted_mse(pred, target, edit_mask, edit_weight):
   """MSE over [b,H,W,C] latents with the edited region weighted (1 + edit_weight)."""
   err = jnp.square(pred - target)
-  weight = 1.0 + edit_weight * edit_region(edit_mask, target.shape[1])
+  weight = 1.0 + edit_weight * edit_region(edit_mask, target.shape[1:3])
   return jnp.mean(err * weight[..., None]) / jnp.mean(weight), jnp.mean(err)
 
 
-def edit_region(mask, latent_res):
-  """Pixel edit mask [b,R,R] -> float [b,h,h] on the latent grid (1 where any pixel changed)."""
-  b, r = mask.shape[:2]
-  f = r // latent_res
-  return mask.reshape(b, latent_res, f, latent_res, f).any(axis=(2, 4)).astype(jnp.float32)
+def edit_region(mask, latent_hw):
+  """Pixel edit mask [b,H,W] -> float [b,h,w] on the latent grid of size latent_hw = (h, w)
+  (1 where any pixel changed)."""
+  (b, H, W), (h, w) = mask.shape, latent_hw
+  return mask.reshape(b, h, H // h, w, W // w).any(axis=(2, 4)).astype(jnp.float32)
