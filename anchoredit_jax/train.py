@@ -21,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from anchoredit_jax import cli, distributed, errors, growth, sharding as sh
 from anchoredit_jax.checkpoint import (check_config_fields, config_fields, is_reference, load_config,
                                        parameter_fields, restore_newest, save_step)
-from anchoredit_jax.data import pipeline, text_store
+from anchoredit_jax.data import batches, pipeline, text_store, wds
 from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.distributed import say
 from anchoredit_jax.eval import evaluators
@@ -209,11 +210,49 @@ class Trainer:
 
 def make_data(cfg, split="train", seed=None):
   d = cfg.data
+  if d.get("source", "shapes") == "wds":
+    return own_data(cfg, seed)
+  if d.get("source", "shapes") != "shapes":
+    raise ValueError(f"data.source={d.source!r}: give shapes (ShapesEdit) or wds (your shards)")
   return pipeline.make_dataset(
       split=split, res=d.res, num_turns=d.num_turns, batch_size=cfg.train.batch_size // jax.process_count(),
       text_len=cfg.model.text_len, tokenizer=tokenizer_of(cfg.model),
       seed=cfg.seed if seed is None else seed, ops=tuple(d.ops) or None,
       background=d.background, worker_threads=d.threads, prefetch_batches=d.prefetch)
+
+
+def own_data(cfg, seed=None):
+  """BucketBatches over data.shards: this process's shards, its rows of each global batch."""
+  d, m = cfg.data, cfg.model
+  stride = m.ae_factor * m.patch
+  if d.bucket_step % stride:
+    raise ValueError(f"data.bucket_step={d.bucket_step} must be a multiple of the model's pixel "
+                     f"stride {stride} (autoencoder factor x patch)")
+  masked = [s for s, on in (("causal.rollout_target=composite", cfg.get("causal", {}).get("rollout_target") == "composite"),
+                            ("model.copy_gate", m.get("copy_gate"))) if on]
+  if masked:
+    raise ValueError(f"{', '.join(masked)} needs exact edit masks, which data.source=wds lacks")
+  procs = jax.process_count()
+  agree = batches.alone if procs == 1 else (
+      lambda fill: np.asarray(multihost_utils.process_allgather(fill)))
+  source = wds.Source(wds.shard_list(d.shards), jax.process_index(), procs)
+  it = batches.BucketBatches(
+      source, batch_size=cfg.train.batch_size // procs, base=d.bucket_base or d.res, step=d.bucket_step,
+      max_ratio=d.max_ratio, max_turns=d.num_turns, exact_turns=d.exact_turns,
+      language=d.language, text_len=m.text_len, tokenizer=tokenizer_of(m),
+      seed=cfg.seed if seed is None else seed, read_threads=d.threads, prefetch=d.prefetch,
+      agree=agree, pairs=cfg.stage == "pretrain")
+  say(f"data: {len(source)} samples in this process's shards of {d.shards}, {len(it.buckets)} "
+      f"aspect-ratio buckets, at most {it.variants} batch shapes (compiled step variants)")
+  return it
+
+
+def data_metrics(data_it) -> dict:
+  """What the data iterator counted (own data: skipped samples per defect, shapes seen)."""
+  counts = getattr(data_it, "counts", None)
+  if counts is None:
+    return {}
+  return {**{f"data_{k}": v for k, v in counts.items()}, "data_shapes": len(data_it.shapes)}
 
 
 def eval_pairs(cfg):
@@ -428,6 +467,10 @@ def train(cfg, workdir):
 
   log = MetricLog(workdir, start)
   pairs = eval_pairs(cfg) if cfg.eval.pairs else None
+  if pairs is not None and cfg.data.get("source", "shapes") != "shapes":
+    say("note: the held-out evaluation is ShapesEdit's; with your own data it is skipped (run "
+        "python -m benchmark.multiturn on the checkpoint)")
+    pairs = None
   if pairs is not None and jax.process_count() > 1:
     # the evaluators read results back as host arrays, which a multi-process run does not hold
     say(f"note: held-out evaluation is skipped with {jax.process_count()} processes; run the "
@@ -466,7 +509,8 @@ def train(cfg, workdir):
         m = {k: v for k, v in jax.device_get(metrics).items() if k != "halt"}
         rate = n_log / (time.perf_counter() - t_log)
         bar.set_postfix(loss=f"{float(m['loss']):.4f}", steps_s=f"{rate:.2f}")
-        log.write(step, "train", {**m, "steps_per_s": rate, "train_minutes": train_seconds / 60})
+        log.write(step, "train", {**m, **data_metrics(data_it), "steps_per_s": rate,
+                                  "train_minutes": train_seconds / 60})
         t_log, n_log = time.perf_counter(), 0
       streak = int(metrics["nonfinite_streak"])  # waits for the step, as the loop always has
       train_seconds += time.perf_counter() - t0

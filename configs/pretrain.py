@@ -25,7 +25,13 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       res={"wan1.3b": 480, "wan14b": 480, "small": 64}.get(p, 32), num_turns=1, background="procedural", ops=(),
       threads=1, prefetch=4,
-      text_store=""))  # a folder of stored instruction embeddings (data/text_store.py; frozen umT5)
+      text_store="",  # a folder of stored instruction embeddings (data/text_store.py; frozen umT5)
+      # source="wds": your own multi-turn data in WebDataset shards (`shards`: a glob or a
+      # {"resolved_files": [...]} JSON; README, "Training on your own multi-turn data"), cropped
+      # and resized to aspect-ratio buckets of area <= bucket_base**2 (0: res), sides in steps of
+      # bucket_step; num_turns is then the most turns a sample keeps (stage 1: every turn is a pair)
+      source="shapes", shards="", bucket_base=0, bucket_step=64, max_ratio=4.0, exact_turns=False,
+      language="en"))
   # p_identity: share of examples whose instruction is identity_text and whose target is the
   # source ("no instruction means no change"), never the empty instruction CFG drops to.
   # gate_weight: the copy gate's cross-entropy against the exact "unchanged" mask (copy_gate models)
@@ -45,6 +51,8 @@ def get_config(arg=None):
   c.mesh = common.mesh_config(p)
   c.sharding = ml_collections.ConfigDict(dict(rules=common.sharding_rules()))
 
+  if p in ("smoke", "toy"):
+    c.data.bucket_step = 8  # 32 px images
   if p == "smoke":
     c.train.update(batch_size=8, steps=20, minutes=0.0, log_every=5, ckpt_every=10, eval_every=10)
     c.optim.update(warmup_steps=5)

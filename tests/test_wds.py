@@ -2,13 +2,14 @@
 buckets, a resumed iterator that continues exactly, and two processes that agree on each batch's
 bucket. The shards are tiny ones written here."""
 import json
-import tarfile
+import os
 import threading
 
 import numpy as np
 import pytest
 
-from anchoredit_jax.data import batches, buckets as bk, wds
+from anchoredit_jax.data import batches, buckets as bk, export_wds, shapes, wds
+from tests.helpers import train_cli
 
 
 def _img(h, w, seed):
@@ -170,3 +171,56 @@ def test_two_processes_agree_on_every_batch_shape(tmp_path):
   assert seen[0] == seen[1] and len(seen[0]) >= 4 and len(set(seen[0])) >= 2
   with pytest.raises(ValueError, match="max_turns"):
     _batcher(wds.Source(paths), max_turns=None, agree=make_agree(0))
+
+
+def test_pairs_for_stage_1_make_every_turn_its_own_example(tmp_path):
+  wds.write_shard(str(tmp_path / "p.tar"), [_sample(f"s{i}", 3, 16, 16, seed=i) for i in range(3)])
+  source = wds.Source([str(tmp_path / "p.tar")])
+  out = list(_batcher(source, num_epochs=1, pairs=True, max_turns=None, batch_size=3))
+  assert len(out) == 3 and all(b["images"].shape == (3, 2, 64, 64, 3) for b in out)  # 9 pairs
+  assert all(b["tokens"].shape == (3, 1, 16) and b["edit_masks"].shape == (3, 1, 64, 64) for b in out)
+  seen = {bytes(t) for b in out for t in b["tokens"][:, 0]}
+  assert len(seen) == 9  # each (sample, turn) once
+  it = _batcher(source, num_epochs=2, pairs=True, max_turns=None, batch_size=2)
+  next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it)["images"] for _ in range(3)]
+  again = _batcher(source, num_epochs=2, pairs=True, max_turns=None, batch_size=2)
+  again.set_state(state)
+  for a in want:
+    np.testing.assert_array_equal(a, next(again)["images"])
+
+
+def test_shapesedit_exported_to_shards_reads_back_exactly(tmp_path):
+  paths = export_wds.export(str(tmp_path), sequences=5, turns=3, res=32, per_shard=2)
+  assert len(paths) == 3 and wds.shard_list(str(tmp_path / "shards.json")) == paths
+  source = wds.Source(paths)
+  assert len(source) == 5
+  for i in range(5):
+    got, defects = wds.parse(source[i])
+    want = shapes.make_sequence(i, 3, 32, "train")
+    assert defects == [] and got["key"] == f"train_{i:08d}"
+    np.testing.assert_array_equal(np.stack(got["images"]), want["images"])  # PNG: lossless
+    assert got["instructions"] == list(want["instructions"])
+  before = {p: os.path.getmtime(p) for p in paths}
+  os.remove(paths[1])
+  export_wds.export(str(tmp_path), sequences=5, turns=3, res=32, per_shard=2)  # a rerun
+  assert os.path.exists(paths[1]) and all(os.path.getmtime(p) == before[p] for p in (paths[0], paths[2]))
+
+
+def test_stages_1_and_2_train_on_shards(tmp_path):
+  export_wds.export(str(tmp_path / "wds"), sequences=24, turns=3, res=32, per_shard=12)
+  shards = f"--config.data.shards={tmp_path / 'wds' / 'shards.json'}"
+  p = train_cli(tmp_path / "s1", "--config.data.source=wds", shards, "--config.train.steps=4",
+                "--config.train.log_every=2")
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "aspect-ratio buckets" in p.stderr + p.stdout and "evaluation is ShapesEdit's" in p.stderr + p.stdout
+  rows = [json.loads(l) for l in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if r["kind"] == "train"]
+  assert train and train[-1]["data_shapes"] == 1 and train[-1]["data_no_json"] == 0
+  p = train_cli(tmp_path / "s2", "--config.data.source=wds", shards, "--config.train.steps=2",
+                f"--config.init_from={tmp_path / 's1'}", config="configs/causal.py:smoke")
+  assert p.returncode == 0, p.stderr[-2000:]
+  p = train_cli(tmp_path / "s3", "--config.data.source=wds", shards, "--config.model.copy_gate=True",
+                f"--config.init_from={tmp_path / 's1'}", config="configs/causal.py:smoke")
+  assert p.returncode == 2 and "needs exact edit masks" in p.stderr

@@ -36,24 +36,28 @@ def alone(counts):
 
 
 class BucketBatches(grain.DatasetIterator):
-  """Batches {"images": uint8 [B, T+1, h, w, 3], "tokens": int32 [B, T, text_len]} of one bucket
-  each; `counts` the defects so far; `variants` the bucket shapes a step can see."""
+  """Batches {"images": uint8 [B, T+1, h, w, 3], "tokens": int32 [B, T, text_len], "edit_masks"
+  and "identity_masks": bool [B, T, h, w], all False (real data has no exact masks)} of one bucket
+  each; with `pairs` (stage 1) T = 1 and each turn of a sample is a pair of its own. `counts`:
+  the defects so far; `variants`: the bucket shapes a step can see."""
 
   def __init__(self, source, *, batch_size, base, text_len, seed, step=64, max_ratio=4.0,
                max_turns=None, exact_turns=False, language="en", tokenizer="bytes",
-               num_epochs=None, shuffle=True, read_threads=1, prefetch=16, agree=alone):
+               num_epochs=None, shuffle=True, read_threads=1, prefetch=16, agree=alone,
+               pairs=False):
     super().__init__()
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if language not in wds.LANGUAGES + ("random",):
       raise ValueError(f"language {language!r}: give one of {wds.LANGUAGES + ('random',)}")
-    if agree is not alone and max_turns is None:
+    if agree is not alone and max_turns is None and not pairs:
       raise ValueError("several processes need data.max_turns (the turn counts must be known)")
     if not len(source):
       raise ValueError("no samples in this process's shards")
     self.source, self.B, self.seed, self.agree = source, batch_size, seed, agree
     self.buckets = bk.hw_buckets(base, step, max_ratio)
-    self.max_turns = max_turns
+    self.pairs = pairs  # stage 1: every turn of a sample becomes its own (previous, next) pair
+    self.max_turns = 1 if pairs else max_turns  # of a batch (None: unbounded)
     self.parse = dict(max_turns=max_turns, exact_turns=exact_turns)
     self.language, self.text_len, self.tokenizer = language, text_len, tokenizer
     n = len(source)
@@ -61,7 +65,7 @@ class BucketBatches(grain.DatasetIterator):
     reads = grain.MapDataset.range(n * num_epochs if num_epochs else sys.maxsize)
     self.reads = reads.map(lambda p: self._load(self._index(p)))
     self.options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
-    self._start({"read": None, "pending": {}, "counts": {}})
+    self._start({"read": None, "pending": {}, "counts": {}, "shapes": []})
 
   # --- reading ---------------------------------------------------------------------------
 
@@ -72,18 +76,21 @@ class BucketBatches(grain.DatasetIterator):
     return int(permutation(self.seed, epoch, n)[j]) if self.shuffle else j
 
   def _load(self, i: int):
-    """(source index, prepared sample or None, defects) of sample i."""
+    """(source index, [(item id, prepared item)], defects) of sample i: one item, or one per
+    turn with `pairs`; an item id is [i, turn] (turn -1: the whole sample)."""
     language = self.language
     if language == "random":  # per sample, the same on every read of it
       language = wds.LANGUAGES[np.random.default_rng([self.seed, i, 7]).integers(len(wds.LANGUAGES))]
     sample, defects = wds.parse(self.source[i], language=language, **self.parse)
     if sample is None:
-      return i, None, defects
-    T = len(sample["instructions"])
+      return i, [], defects
     h, w = bk.pick(*sample["images"][0].shape[:2], self.buckets)
     images = np.stack([bk.crop_resize(im, h, w) for im in sample["images"]])
     tokens = tokenize_batch(sample["instructions"], self.text_len, self.tokenizer)
-    return i, {"key": (T, h, w), "images": images, "tokens": tokens}, defects
+    if self.pairs:
+      return i, [([i, k], {"key": (1, h, w), "images": images[k:k + 2], "tokens": tokens[k:k + 1]})
+                 for k in range(len(tokens))], defects
+    return i, [([i, -1], {"key": (len(tokens), h, w), "images": images, "tokens": tokens})], defects
 
   # --- state -----------------------------------------------------------------------------
 
@@ -92,17 +99,22 @@ class BucketBatches(grain.DatasetIterator):
     if state["read"] is not None:
       self.it.set_state(state["read"])
     self.counts = dict.fromkeys(wds.DEFECTS, 0) | dict(state["counts"])
+    self.shapes = set(state.get("shapes", []))  # "TxHxW" of every batch so far
+    self.counts["corrupt_shard"] = getattr(self.source, "corrupt_shards", 0)
+    if self.counts["corrupt_shard"] and not state["counts"]:
+      print(f"data: {self.counts['corrupt_shard']} shard(s) end early (cut short or damaged); "
+            "their samples before the damage are used", file=sys.stderr)
     self.warned = {k for k, v in self.counts.items() if v}
-    self.pending = {}  # (T, h, w) -> [prepared samples]
-    self.waiting = {}  # the same as source indices, for the state
-    for _, indices in sorted(state["pending"].items()):
-      for i in indices:
-        _, s, _ = self._load(i)
-        self._add(i, s)
+    self.pending = {}  # (T, h, w) -> [prepared items]
+    self.waiting = {}  # the same as item ids, for the state
+    for _, ids in sorted(state["pending"].items()):
+      for i, k in ids:
+        item = next(s for j, s in self._load(i)[1] if j == [i, k])
+        self._add([i, k], item)
     self.done = False
 
   def get_state(self):
-    return {"read": self.it.get_state(), "counts": dict(self.counts),
+    return {"read": self.it.get_state(), "counts": dict(self.counts), "shapes": sorted(self.shapes),
             "pending": {"x".join(map(str, k)): list(v) for k, v in self.waiting.items()}}
 
   def set_state(self, state):
@@ -118,9 +130,9 @@ class BucketBatches(grain.DatasetIterator):
       return None
     return len(self.buckets) * (1 if self.parse["exact_turns"] else self.max_turns)
 
-  def _add(self, i, sample):
-    self.pending.setdefault(sample["key"], []).append(sample)
-    self.waiting.setdefault(sample["key"], []).append(i)
+  def _add(self, item_id, item):
+    self.pending.setdefault(item["key"], []).append(item)
+    self.waiting.setdefault(item["key"], []).append(item_id)
 
   def _slot(self, key) -> int:
     T, h, w = key
@@ -157,7 +169,7 @@ class BucketBatches(grain.DatasetIterator):
 
   def _read_one(self):
     try:
-      i, sample, defects = next(self.it)
+      i, items, defects = next(self.it)
     except StopIteration:
       self.done = True
       return
@@ -166,10 +178,10 @@ class BucketBatches(grain.DatasetIterator):
       if d not in self.warned:
         self.warned.add(d)
         print(f"data: {d} in sample {self.source.entries[i].key} of "
-              f"{self.source.entries[i].shard} ({'skipped' if sample is None else 'kept'}); "
+              f"{self.source.entries[i].shard} ({'kept' if items else 'skipped'}); "
               "further ones are only counted (metrics: data_<kind>)", file=sys.stderr)
-    if sample is not None:
-      self._add(i, sample)
+    for item_id, item in items:
+      self._add(item_id, item)
 
   def __next__(self):
     while (key := self._ready()) is None:
@@ -178,8 +190,12 @@ class BucketBatches(grain.DatasetIterator):
     samples = self.pending[key][:self.B]
     self.pending[key] = self.pending[key][self.B:]
     self.waiting[key] = self.waiting[key][self.B:]
+    T, h, w = key
+    self.shapes.add(f"{T}x{h}x{w}")
+    no_masks = np.zeros((len(samples), T, h, w), bool)  # real data has no exact edit masks
     return {"images": np.stack([s["images"] for s in samples]),
-            "tokens": np.stack([s["tokens"] for s in samples])}
+            "tokens": np.stack([s["tokens"] for s in samples]),
+            "edit_masks": no_masks, "identity_masks": no_masks}
 
   def close(self):
     it = getattr(self, "it", None)  # absent when __init__ refused its arguments
