@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from anchoredit_jax.checkpoint import flat_params, load_params  # noqa: E402
 from anchoredit_jax.convert import wan  # noqa: E402
-from anchoredit_jax.data import shapes  # noqa: E402
+from anchoredit_jax.data import export_wds, shapes, wds  # noqa: E402
 from configs import common  # noqa: E402
 from configs.wan import pretrain as wan_pretrain  # noqa: E402
 from tests.helpers import tiny_wan_folder  # noqa: E402
@@ -132,6 +132,18 @@ def test_stored_text_embeddings_stand_in_for_the_encoder(wan_folder, tmp_path):
   bad["tokens"][0, 0] = tokenize_for(cfg.model, ["paint the sky green"])[0]
   with pytest.raises(ValueError, match="1 instruction.s. of this batch are not in data.text_store"):
     tr.step(tr.with_params(params), bad, jax.random.key(0))
+
+  # a store of your own data's instructions: one pass over the shards' JSON
+  export_wds.export(str(tmp_path / "wds"), sequences=3, turns=2, res=32, split="heldout")
+  texts = wds.instructions(str(tmp_path / "wds" / "*.tar"), ("en",))
+  p = subprocess.run([sys.executable, "-m", "anchoredit_jax.data.text_store",
+                      f"--config=configs/wan/pretrain.py:smoke,dir={wan_folder}",
+                      f"--data={tmp_path / 'wds' / '*.tar'}", f"--out={tmp_path / 'own'}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert f"text store: {len(texts) + 1} instructions" in p.stdout and len(texts) >= 4
+  own = text_store.load(tmp_path / "own", cfg.model)
+  assert not text_store.missing(own, tokenize_for(cfg.model, [""] + texts)).any()
 
   # a store for another encoder, a missing store, a trainable encoder: one-line errors
   meta = json.loads((store / "meta.json").read_text())

@@ -224,3 +224,11 @@ def test_stages_1_and_2_train_on_shards(tmp_path):
   p = train_cli(tmp_path / "s3", "--config.data.source=wds", shards, "--config.model.copy_gate=True",
                 f"--config.init_from={tmp_path / 's1'}", config="configs/causal.py:smoke")
   assert p.returncode == 2 and "needs exact edit masks" in p.stderr
+
+
+def test_the_instructions_of_the_shards_are_collected_for_the_text_store(tmp_path):
+  wds.write_shard(str(tmp_path / "a.tar"), [
+      _raw("x", 2), _raw("y", 1, json=json.dumps({"instructions": ["  same in both  "]}).encode()),
+      _raw("z", 1, json=b"{broken")])
+  assert wds.instructions(str(tmp_path / "*.tar"), ("en",)) == ["en 0", "en 1", "same in both"]
+  assert wds.instructions(str(tmp_path / "*.tar")) == ["en 0", "en 1", "same in both", "zh 0", "zh 1"]

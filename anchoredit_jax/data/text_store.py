@@ -5,7 +5,10 @@ frozen text encoder (umT5-XXL is 5.7B parameters; Wan's own training precomputes
   python -m anchoredit_jax.train --config=configs/wan/pretrain.py:wan1.3b,dir=WAN --config.data.text_store=DIR
 
 ShapesEdit's instructions come from a finite set of templates, so the store holds every one of
-them (`all_instructions`) plus the empty instruction of classifier-free guidance. A training step
+them (`all_instructions`) plus the empty instruction of classifier-free guidance. With your own
+data (`--data` the shards of data.shards), one pass over the shards' JSON members collects every
+instruction in them instead (in data.language, both languages for "random"):
+  python -m anchoredit_jax.data.text_store --config=... --data='/data/edits/*.tar' --out=DIR A training step
 finds each token row's embedding by a hash of the row (`lookup`, inside jit); the trainer checks
 on the host that every row of every batch is in the store, and at start that the store agrees
 with the model's own encoder. Files: embeddings.safetensors (tokens [n,l] int32, emb [n,L,d]
@@ -28,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from anchoredit_jax import cli, growth
-from anchoredit_jax.data import shapes
+from anchoredit_jax.data import shapes, wds
 from anchoredit_jax.data.tokenize import tokenize_for, tokenizer_of
 from anchoredit_jax.models.model import abstract_split, frozen_parts
 from anchoredit_jax.models.umt5 import precompute_text_embeddings
@@ -180,19 +183,28 @@ def main(argv=None):
   ap.add_argument("--config", required=True, help="the training config, e.g. "
                   "configs/wan/pretrain.py:wan1.3b,dir=WAN; its init_from gives the encoder weights")
   ap.add_argument("--out", required=True)
+  ap.add_argument("--data", default="", help="WebDataset shards (a glob or a JSON list) whose "
+                  "instructions to store (default: every ShapesEdit instruction)")
   args, overrides = ap.parse_known_args(argv)
   try:
     cfg = load_configs(args.config, overrides, "")[0][1]
     check_frozen(cfg.model)
     cli.stop_if_args_only()
     check_out(args.out)  # before the encoder runs
+    texts = all_instructions()
+    if args.data:
+      language = cfg.data.get("language", "en")
+      texts = [""] + [t for t in wds.instructions(args.data, wds.LANGUAGES if language == "random"
+                                                   else (language,)) if t]
+    # identity mapping (flow.p_identity) trains on one more instruction of its own
+    extra = cfg.flow.get("identity_text", "") if cfg.flow.get("p_identity", 0.0) else ""
+    texts += [extra] if extra and extra not in texts else []
     model = nnx.merge(abstract_split(cfg.model)[0], growth.load_init(cfg))
-    n = len(all_instructions())
-    with tqdm(total=n, desc="text store", unit="instr") as bar:
-      arrays, instructions = build(model, cfg.model, progress=bar.update)
+    with tqdm(total=len(texts), desc="text store", unit="instr") as bar:
+      arrays, instructions = build(model, cfg.model, texts, progress=bar.update)
     save(args.out, arrays, instructions, cfg.model, source=str(cfg.init_from),
          command="python -m anchoredit_jax.data.text_store " + " ".join(sys.argv[1:] if argv is None else argv))
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:
     print(f"text_store: error: {e}", file=sys.stderr)
     return 2
   mib = os.path.getsize(os.path.join(args.out, FILE)) / 2 ** 20

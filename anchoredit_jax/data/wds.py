@@ -116,13 +116,34 @@ class Source:
     return len(self.entries)
 
   def __getitem__(self, i):
-    e = self.entries[i]
-    out = {"__key__": e.key}
-    with open(e.shard, "rb") as f:
-      for ext, offset, size in e.members:
+    return read(self.entries[i])
+
+
+def read(entry: Entry, exts=None) -> dict:
+  """{"__key__": key, ext: bytes} of a sample's members (those in `exts`, default all)."""
+  out = {"__key__": entry.key}
+  with open(entry.shard, "rb") as f:
+    for ext, offset, size in entry.members:
+      if exts is None or ext in exts:
         f.seek(offset)
         out[ext] = f.read(size)
-    return out
+  return out
+
+
+def instructions(spec: str, languages=LANGUAGES) -> list:
+  """Every instruction in the shards of `spec` (their JSON members only), in each of
+  `languages` (falling back as `parse` does), sorted and unique; unreadable JSON is passed over
+  (training skips those samples too)."""
+  found = set()
+  for path in shard_list(spec):
+    for e in index_shard(path)[0]:
+      try:
+        entries = json.loads(read(e, ("json",)).get("json", b"null"))["instructions"]
+      except (ValueError, KeyError, TypeError):
+        continue
+      for entry in entries if isinstance(entries, list) else ():
+        found |= {t.strip() for l in languages if isinstance(t := _text(entry, l), str) and t.strip()}
+  return sorted(found)
 
 
 def _text(entry, language):
