@@ -29,7 +29,7 @@ from tqdm import tqdm
 from anchoredit_jax import cli, distributed, errors, growth, sharding as sh
 from anchoredit_jax.checkpoint import (check_config_fields, config_fields, is_reference, load_config,
                                        parameter_fields, restore_newest, save_step)
-from anchoredit_jax.data import batches, pipeline, text_store, wds
+from anchoredit_jax.data import batches, pipeline, text_store, tfds_builder, wds
 from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.distributed import say
 from anchoredit_jax.eval import evaluators
@@ -210,10 +210,11 @@ class Trainer:
 
 def make_data(cfg, split="train", seed=None):
   d = cfg.data
-  if d.get("source", "shapes") == "wds":
+  if d.get("source", "shapes") in ("wds", "tfds"):
     return own_data(cfg, seed)
   if d.get("source", "shapes") != "shapes":
-    raise ValueError(f"data.source={d.source!r}: give shapes (ShapesEdit) or wds (your shards)")
+    raise ValueError(f"data.source={d.source!r}: give shapes (ShapesEdit), wds (your shards) or "
+                     "tfds (your shards converted by data/tfds_builder.py)")
   return pipeline.make_dataset(
       split=split, res=d.res, num_turns=d.num_turns, batch_size=cfg.train.batch_size // jax.process_count(),
       text_len=cfg.model.text_len, tokenizer=tokenizer_of(cfg.model),
@@ -222,7 +223,8 @@ def make_data(cfg, split="train", seed=None):
 
 
 def own_data(cfg, seed=None):
-  """BucketBatches over data.shards: this process's shards, its rows of each global batch."""
+  """BucketBatches over data.shards (WebDataset shards, or a TFDS folder they were converted
+  into): this process's part of them, its rows of each global batch."""
   d, m = cfg.data, cfg.model
   stride = m.ae_factor * m.patch
   if d.bucket_step % stride:
@@ -235,14 +237,17 @@ def own_data(cfg, seed=None):
   procs = jax.process_count()
   agree = batches.alone if procs == 1 else (
       lambda fill: np.asarray(multihost_utils.process_allgather(fill)))
-  source = wds.Source(wds.shard_list(d.shards), jax.process_index(), procs)
+  if d.source == "wds":
+    source = wds.Source(wds.shard_list(d.shards), jax.process_index(), procs)
+  else:
+    source = tfds_builder.Frozen(d.shards, jax.process_index(), procs)
   it = batches.BucketBatches(
       source, batch_size=cfg.train.batch_size // procs, base=d.bucket_base or d.res, step=d.bucket_step,
       max_ratio=d.max_ratio, max_turns=d.num_turns, exact_turns=d.exact_turns,
       language=d.language, text_len=m.text_len, tokenizer=tokenizer_of(m),
       seed=cfg.seed if seed is None else seed, read_threads=d.threads, prefetch=d.prefetch,
       agree=agree, pairs=cfg.stage == "pretrain")
-  say(f"data: {len(source)} samples in this process's shards of {d.shards}, {len(it.buckets)} "
+  say(f"data: {len(source)} samples in this process's part of {d.shards}, {len(it.buckets)} "
       f"aspect-ratio buckets, at most {it.variants} batch shapes (compiled step variants)")
   return it
 

@@ -8,7 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from anchoredit_jax.data import batches, buckets as bk, export_wds, shapes, wds
+from anchoredit_jax.data import batches, buckets as bk, export_wds, shapes, tfds_builder, wds
+from anchoredit_jax.train import make_data
+from configs import causal as causal_config
 from tests.helpers import train_cli
 
 
@@ -232,3 +234,25 @@ def test_the_instructions_of_the_shards_are_collected_for_the_text_store(tmp_pat
       _raw("z", 1, json=b"{broken")])
   assert wds.instructions(str(tmp_path / "*.tar"), ("en",)) == ["en 0", "en 1", "same in both"]
   assert wds.instructions(str(tmp_path / "*.tar")) == ["en 0", "en 1", "same in both", "zh 0", "zh 1"]
+
+
+def test_shards_converted_to_array_record_give_the_same_batches(tmp_path):
+  export_wds.export(str(tmp_path / "wds"), sequences=6, turns=2, res=32)
+  wds.write_shard(str(tmp_path / "wds" / "bad.tar"), [_raw("bad", 2, json=None)])
+  assert tfds_builder.main(["--shards", str(tmp_path / "wds" / "*.tar"), "--out", str(tmp_path / "tfds")]) == 0
+  frozen = tfds_builder.Frozen(str(tmp_path / "tfds"))
+  assert len(frozen) == 6  # the bad sample was left out
+  by_key = {}
+  for i in range(6):
+    s, _ = frozen.sample(i)
+    by_key[s["instructions"][0] + s["instructions"][1]] = np.stack(s["images"])
+  for i in range(6):
+    want = shapes.make_sequence(i, 2, 32, "train")
+    np.testing.assert_array_equal(by_key["".join(want["instructions"])], want["images"])
+  cfg = causal_config.get_config("smoke")
+  cfg.data.update(source="tfds", shards=str(tmp_path / "tfds"), num_turns=2)
+  cfg.train.batch_size = 2
+  batch = next(iter(make_data(cfg)))
+  assert batch["images"].shape == (2, 3, 32, 32, 3) and batch["tokens"].shape[:2] == (2, 2)
+  with pytest.raises(FileNotFoundError, match="holds no converted shards"):
+    tfds_builder.Frozen(str(tmp_path / "nothing"))

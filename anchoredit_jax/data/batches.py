@@ -81,7 +81,7 @@ class BucketBatches(grain.DatasetIterator):
     language = self.language
     if language == "random":  # per sample, the same on every read of it
       language = wds.LANGUAGES[np.random.default_rng([self.seed, i, 7]).integers(len(wds.LANGUAGES))]
-    sample, defects = wds.parse(self.source[i], language=language, **self.parse)
+    sample, defects = self.source.sample(i, language=language, **self.parse)
     if sample is None:
       return i, [], defects
     h, w = bk.pick(*sample["images"][0].shape[:2], self.buckets)
@@ -177,8 +177,7 @@ class BucketBatches(grain.DatasetIterator):
       self.counts[d] += 1
       if d not in self.warned:
         self.warned.add(d)
-        print(f"data: {d} in sample {self.source.entries[i].key} of "
-              f"{self.source.entries[i].shard} ({'kept' if items else 'skipped'}); "
+        print(f"data: {d} in {self.source.describe(i)} ({'kept' if items else 'skipped'}); "
               "further ones are only counted (metrics: data_<kind>)", file=sys.stderr)
     for item_id, item in items:
       self._add(item_id, item)

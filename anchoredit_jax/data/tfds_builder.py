@@ -1,4 +1,4 @@
-"""TFDS builder that freezes ShapesEdit sequences into array_record files.
+"""TFDS builders: ShapesEdit sequences, or your own multi-turn shards, frozen into array_record.
 
 Procedural data needs no files for training (see pipeline.py), but a frozen copy is useful for
 evaluation sets that must stay byte-identical across code changes, and for sharing. Everything
@@ -6,15 +6,26 @@ here works without TensorFlow: images are PNG-encoded by PIL, masks are zlib-com
 tensors, and reading goes through `tfds.data_source` (random access, feeds grain directly).
 
 Example `seed` i of a split equals `shapes.make_sequence(i, num_turns, res, split)`.
+
+`MultiTurnEdits` converts WebDataset shards in the layout of data/wds.py (any size, any number of
+turns; samples with defects are left out and counted) for users who prefer TFDS:
+  python -m anchoredit_jax.data.tfds_builder --shards '/data/edits/*.tar' --out /data/edits_tfds
+and a run trains on it with --config.data.source=tfds --config.data.shards=/data/edits_tfds
+(`Frozen` is its source for BucketBatches).
 """
+import argparse
+import collections
 import dataclasses
+import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from anchoredit_jax.data import shapes
+from anchoredit_jax import cli
+from anchoredit_jax.data import shapes, wds
 
 
 @dataclasses.dataclass
@@ -108,3 +119,104 @@ def decode_example(ex: dict) -> dict:
   out["instructions"] = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
                          for t in ex["instructions"]]
   return out
+
+
+@dataclasses.dataclass
+class MultiTurnConfig(tfds.core.BuilderConfig):
+  shards: str = ""  # a glob or a {"resolved_files": [...]} JSON (data/wds.py)
+
+
+class MultiTurnEdits(tfds.core.GeneratorBasedBuilder):
+  """Multi-turn editing samples from WebDataset shards: images, and the instructions in English
+  and Chinese (each falling back to the other where one is missing)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  skipped: collections.Counter = None
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    texts = lambda: tfds.features.Sequence(tfds.features.Text())
+    return self.dataset_info_from_configs(
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            "key": tfds.features.Text(),
+            "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3))),
+            "en": texts(), "zh": texts()}),
+        supervised_keys=None)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(wds.shard_list(self.builder_config.shards))}
+
+  def _generate_examples(self, paths):
+    self.skipped = collections.Counter()
+    source = wds.Source(paths)
+    for i in range(len(source)):
+      raw = source[i]
+      sample, defects = wds.parse(raw, language="en")
+      self.skipped.update(defects)
+      if sample is None:
+        continue
+      yield f"{i:09d}", {"key": sample["key"], "images": [Image.fromarray(im) for im in sample["images"]],
+                         "en": sample["instructions"], "zh": wds.texts(raw, "zh")}
+
+
+class Frozen:
+  """A built MultiTurnEdits split as a source for BucketBatches (records split between processes
+  p, p + P, ...); nothing in it is defective, but turns are still cut to max_turns."""
+
+  def __init__(self, data_dir, process_index=0, process_count=1, split="train"):
+    if not os.path.isdir(os.path.join(data_dir, "multi_turn_edits")):
+      raise FileNotFoundError(f"{data_dir} holds no converted shards; make them with python -m "
+                              "anchoredit_jax.data.tfds_builder --shards ... --out " + data_dir)
+    builder = MultiTurnEdits(config=MultiTurnConfig(name="own"), data_dir=data_dir,
+                             file_format="array_record")
+    self.records = builder.as_data_source(split=split)
+    self.index = range(process_index, len(self.records), process_count)
+    self.corrupt_shards, self.where = 0, data_dir
+
+  def __len__(self):
+    return len(self.index)
+
+  def sample(self, i, *, language="en", max_turns=None, exact_turns=False):
+    ex = self.records[self.index[i]]
+    texts = [t.decode() if isinstance(t, bytes) else str(t) for t in ex[language]]
+    turns, defects = wds.kept_turns(len(texts), max_turns, exact_turns)
+    if turns is None:
+      return None, defects
+    return {"key": self.describe(i), "images": [np.asarray(im) for im in ex["images"][:turns + 1]],
+            "instructions": texts[:turns]}, defects
+
+  def describe(self, i) -> str:
+    return f"record {self.index[i]} of {self.where}"
+
+
+def convert(shards: str, out: str) -> tuple:
+  """Build MultiTurnEdits from `shards` under `out`: (records written, Counter of skipped kinds)."""
+  builder = MultiTurnEdits(config=MultiTurnConfig(name="own", shards=shards), data_dir=out,
+                           file_format="array_record")
+  builder.download_and_prepare()
+  return builder.info.splits["train"].num_examples, builder.skipped or collections.Counter()
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=cli.description(__doc__))
+  ap.add_argument("--shards", required=True, help="a glob of .tar shards or a JSON shard list")
+  ap.add_argument("--out", required=True, help="TFDS data_dir to build into")
+  args = cli.parse_args(ap, argv)
+  try:
+    n, skipped = convert(args.shards, args.out)
+  except (ValueError, OSError) as e:
+    print(f"tfds_builder: error: {e}", file=sys.stderr)
+    return 2
+  print(f"{n} samples in {args.out}" + "".join(f"; skipped {v} ({k})" for k, v in sorted(skipped.items())))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -98,8 +98,10 @@ def index_shard(path: str) -> tuple:
 
 
 class Source:
-  """The samples of this process's shards, by index: `source[i]` is {"__key__": key, ext: bytes}.
-  `corrupt_shards` counts shards whose index ended early."""
+  """The samples of this process's shards, by index: `source[i]` is {"__key__": key, ext: bytes},
+  `source.sample(i, ...)` its parsed sample and defects (the interface BucketBatches reads; the
+  array_record source of tfds_builder.py has it too). `corrupt_shards` counts shards whose index
+  ended early."""
 
   def __init__(self, shards, process_index: int = 0, process_count: int = 1):
     mine = list(shards)[process_index::process_count]
@@ -117,6 +119,13 @@ class Source:
 
   def __getitem__(self, i):
     return read(self.entries[i])
+
+  def sample(self, i, **parse_kw):
+    """`parse` of sample i: (sample or None, [defects])."""
+    return parse(self[i], **parse_kw)
+
+  def describe(self, i) -> str:
+    return f"sample {self.entries[i].key} of {self.entries[i].shard}"
 
 
 def read(entry: Entry, exts=None) -> dict:
@@ -155,6 +164,20 @@ def _text(entry, language):
   return next((entry[l] for l in order if isinstance(entry.get(l), str)), None)
 
 
+def texts(raw: dict, language: str) -> list:
+  """The instructions of a sample that `parse` accepted, in `language` (or the other one)."""
+  return [_text(e, language).strip() for e in json.loads(raw["json"])["instructions"]]
+
+
+def kept_turns(turns: int, max_turns=None, exact_turns=False) -> tuple:
+  """(turns kept or None to skip the sample, [defects]) for a sample of `turns` turns."""
+  if max_turns is not None and turns > max_turns:
+    return max_turns, ["truncated"]
+  if exact_turns and turns != max_turns:
+    return None, ["too_few_turns"]
+  return turns, []
+
+
 def parse(raw: dict, *, max_turns=None, exact_turns=False, language="en"):
   """(sample or None, [defects]) for one raw sample. A sample is {"key", "images": [uint8
   [H, W, 3], one per turn and the source first], "instructions": [str, one per turn]}."""
@@ -181,11 +204,9 @@ def parse(raw: dict, *, max_turns=None, exact_turns=False, language="en"):
     return None, ["instruction_count"]
   if any(t is None or not t.strip() for t in texts):
     return None, ["empty_instruction"]
-  defects, turns = [], len(texts)
-  if max_turns is not None and turns > max_turns:
-    defects, turns = ["truncated"], max_turns
-  if exact_turns and turns != max_turns:
-    return None, ["too_few_turns"]
+  turns, defects = kept_turns(len(texts), max_turns, exact_turns)
+  if turns is None:
+    return None, defects
   images = []
   for i in idx[:turns + 1]:
     try:
