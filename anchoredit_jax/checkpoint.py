@@ -29,7 +29,7 @@ COMPUTE_ONLY = ("attention_kernel", "remat", "dtype", "gate_hard")
 
 
 # model fields added after runs were already made, with the value those runs had without them
-ADDED_FIELDS = {"copy_gate": False, "gate_from": "prev", "rope_stride": 1}
+ADDED_FIELDS = {"copy_gate": False, "gate_from": "prev", "rope_stride": 1, "text_padding": "masked"}
 
 
 def parameter_fields(model_cfg) -> dict:
@@ -76,6 +76,7 @@ def check_config_fields(where, cfg, saved, *, only="", against="its config.json"
   array's shape shows)."""
   if saved is None:
     return
+  saved = {**{f"model.{k}": v for k, v in ADDED_FIELDS.items()}, **saved}  # fields saved before
   now = config_fields(cfg)
   differ = sorted(k for k in set(now) | set(saved) if k.startswith(only) and now.get(k) != saved.get(k))
   if differ:

@@ -43,6 +43,9 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
       gate_from="prev",  # what the gate copies: "prev" (the previous turn) or "anchor" (the source)
       gate_hard=False,  # inference: round the gate to 0/1 (no gradient; not for training)
       rope_stride=1,    # temporal RoPE positions = turn index x stride (the authors use 4)
+      # "masked": cross-attention skips padded text tokens; "attend": it attends to them too (zero
+      # embeddings), which is how Wan2.1 and the authors' code were trained (no mask is passed)
+      text_padding="masked",
       attention_kernel="xla", remat="none",
       dtype="float32"))  # compute dtype of the DiT's blocks (float32 or bfloat16); params stay float32
   if preset == "toy":
@@ -69,6 +72,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
              vae=dict())  # WanVAEConfig fields; empty = Wan2.1's VAE
     m.update(dict(dim=1536, layers=30, heads=12, ffn_dim=8960) if preset == "wan1.3b" else
              dict(dim=5120, layers=40, heads=40, ffn_dim=13824))
+    # the conventions Wan2.1's weights were trained with, and the authors' temporal RoPE stride
+    m.update(text_padding="attend", rope_stride=4)
   return m
 
 

@@ -13,6 +13,7 @@ from anchoredit_jax import sharding as sh
 from anchoredit_jax.convert import wan
 from anchoredit_jax.convert.tensors import open_checkpoint
 from anchoredit_jax.models.dit import CausalDiT
+from anchoredit_jax.models.model import build
 from configs import common
 from tests.helpers import rel_err
 
@@ -248,3 +249,45 @@ def test_vs_pytorch_benchmark_runs_and_agrees(tmp_path, capsys):
   result = json.loads((tmp_path / "vs_pytorch.json").read_text())
   assert result["max_abs_diff"] < 1e-4 and set(result["median_s"]) == {"ours (jax.jit)", "diffusers eager"}
   assert "ours / best PyTorch" in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_another_norm_eps_is_refused(wan_dir):
+  """Our norms are built with Wan2.1's eps (1e-6); a checkpoint made with another would load and
+  compute something else (1e-4 relative error at eps 1e-4), so it is refused by name."""
+  path, _ = wan_dir
+  config = json.loads((path / "config.json").read_text())
+  assert config["eps"] == 1e-6 and wan.model_fields(config)["dim"] == 32
+  with pytest.raises(ValueError, match="norms use eps 0.0001; this implementation uses Wan2.1's 1e-6"):
+    wan.model_fields(dict(config, eps=1e-4))
+
+
+def test_padded_text_follows_wans_convention(wan_dir):
+  """Wan2.1 (and the authors) cross-attend to every text position, the zero-padded ones too, with
+  no mask: `model.text_padding="attend"` (the wan presets' default) gives exactly what diffusers
+  computes from zero-padded embeddings; masking the padding out ("masked") is another function."""
+  path, model = wan_dir
+  cfg, lc = our_config(path)
+  state = wan.load_wan_dit(path, cfg, lc)
+  x, text = inputs(frames=2)
+  text[:, 3:] = 0.0  # 3 real tokens, then umT5's zero padding
+  t = np.array([0.5, 0.25], np.float32)
+  theirs = run_theirs(model, x, t * 1000, text)
+  graphdef = nnx.split(nnx.eval_shape(lambda: CausalDiT(cfg, latent_channels=lc, rngs=nnx.Rngs(0))))[0]
+  tt, tx = np.repeat(t[:, None], 2, 1), jnp.broadcast_to(jnp.asarray(text)[:, None], (2, 2) + text.shape[1:])
+  real = jnp.arange(TEXT_LEN) < 3
+  # what EditModel.encode_text hands the DiT under each convention
+  for padding, mask in (("attend", jnp.ones(tx.shape[:3], bool)),
+                        ("masked", jnp.broadcast_to(real, tx.shape[:3]))):
+    small = common.model_config("smoke")
+    small.text_padding = padding
+    m = build(small, nnx.Rngs(0))
+    emb, got = m.encode_text(jnp.asarray([[65, 66, 67] + [0] * 61]))
+    assert bool(got.all()) == (padding == "attend")
+    if padding == "attend":
+      assert float(jnp.abs(emb[0, 3:]).max()) == 0.0  # padding reaches the DiT as zeros
+    out, _ = nnx.merge(graphdef, state)(x, tt, tx, mask, jnp.broadcast_to(jnp.arange(2), (2, 2)), causal=False)
+    err = rel_err(np.asarray(out), theirs)
+    assert (err <= 1e-5) if padding == "attend" else (err > 1e-3), (padding, err)
+  wan13 = common.model_config("wan1.3b")
+  assert (wan13.text_padding, wan13.rope_stride) == ("attend", 4)
+  assert common.model_config("toy").text_padding == "masked"

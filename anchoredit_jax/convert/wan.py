@@ -96,6 +96,9 @@ def model_fields(diffusers_config: dict) -> dict:
                      "text-to-video one (Wan2.1-T2V-*)")
   if c.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads" or not c.get("cross_attn_norm", True):
     raise ValueError("this Wan transformer uses another q/k or cross-attention norm than Wan2.1's")
+  if c.get("eps", 1e-6) != 1e-6:  # our norms are built with Wan2.1's 1e-6
+    raise ValueError(f"this Wan transformer's norms use eps {c['eps']}; this implementation uses "
+                     "Wan2.1's 1e-6 and would compute something else")
   pt, ph, pw = c.get("patch_size", (1, 2, 2))
   if pt != 1 or ph != pw:
     raise ValueError(f"patch_size {c.get('patch_size')} is not (1, p, p); only per-frame patches load")

@@ -83,11 +83,16 @@ class EditModel(nnx.Module):
   def encode_text(self, tokens, store=None):
     """tokens [..., l] -> (embeddings [..., l, text_dim], mask [..., l]); no gradient reaches a
     frozen encoder. With `store` (precomputed embeddings of a frozen encoder, data/text_store.py)
-    they are looked up there instead and the encoder is not run."""
+    they are looked up there instead and the encoder is not run. With model.text_padding
+    "attend" the padded positions are zero embeddings that the mask lets through."""
     if store is not None:
-      return lookup(store, tokens)
-    text, mask = self.text(tokens)
-    return (jax.lax.stop_gradient(text), mask) if "text" in frozen_parts(self.cfg) else (text, mask)
+      text, mask = lookup(store, tokens)
+    else:
+      text, mask = self.text(tokens)
+      text = jax.lax.stop_gradient(text) if "text" in frozen_parts(self.cfg) else text
+    if self.cfg.get("text_padding", "masked") == "attend":  # Wan2.1's convention: no text mask
+      text, mask = text * mask[..., None].astype(text.dtype), jnp.ones_like(mask)
+    return text, mask
 
   def __call__(self, x, t, tokens, turn_pos, *, cond=None, context=None, causal=True, with_gate=False):
     """Velocity for T turns: x [b,T,H,W,C], t [b,T], tokens [b,T,l] -> (v, kv per layer).
