@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from anchoredit_jax.checkpoint import flat_params, load_params  # noqa: E402
 from anchoredit_jax.convert import wan  # noqa: E402
 from anchoredit_jax.data import export_wds, shapes, wds  # noqa: E402
+from anchoredit_jax.eval import multiturn as mt  # noqa: E402
 from configs import common  # noqa: E402
 from configs.wan import pretrain as wan_pretrain  # noqa: E402
 from tests.helpers import tiny_wan_folder  # noqa: E402
@@ -76,6 +77,16 @@ def test_stages_1_and_2_train_from_the_folder_with_frozen_encoders(wan_folder, t
          f"--config.init_from={tmp_path / 'pretrain'}", "--config.train.steps=1",
          "--config.eval.pairs=0")
   assert load_params(tmp_path / "causal")[3] == 1
+
+  # the multi-turn benchmark at 256 x 256 through the Wan VAE (32 x 32 latents, 256 tokens a
+  # turn), the instructions tokenized by the folder's tokenizer
+  results, seqs, traj, _ = mt.evaluate(["ii4"], [str(tmp_path)], sequences=2, turns=2, res=256,
+                                       batch_size=2, log=lambda *_: None)
+  r = results["ii4"]
+  assert seqs["images"].shape == (2, 3, 256, 256, 3) and traj["ii4"].shape == (2, 2, 256, 256, 3)
+  assert seqs["tokens"].max() < 128  # the tiny word tokenizer's ids, not bytes
+  assert len(r["per_turn"]["identity_psnr"]) == 2 and np.isfinite(r["per_turn"]["identity_psnr"]).all()
+  assert 0.0 <= r["per_turn"]["success"][1] <= 1.0 and r["state_bytes"] > 0
 
 
 def test_loader_shards_the_dit_on_a_mesh(wan_folder):

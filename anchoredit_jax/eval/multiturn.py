@@ -31,6 +31,7 @@ from tqdm import tqdm
 from anchoredit_jax import inference
 from anchoredit_jax.checkpoint import has_model, load_config, load_params
 from anchoredit_jax.data import pipeline
+from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.editing import empty_tokens
 from anchoredit_jax.eval import metrics, stats
 from anchoredit_jax.models.model import init_memory, make_autoencoder
@@ -82,10 +83,11 @@ NEEDS = {"distill_tf": ["pretrain", "causal_tf"], "causal_tf": ["pretrain"],
          "distill": ["pretrain", "causal"], "causal": ["pretrain"], "pretrain": []}
 
 
-def heldout(n: int, turns: int, res: int, text_len: int) -> dict:
-  """N held-out sequences of T edits, stacked: images [N,T+1,R,R,3], tokens [N,T,l], masks."""
-  rows = [pipeline.example_from_seed(i, split="heldout", res=res, num_turns=turns, text_len=text_len)
-          for i in range(n)]
+def heldout(n: int, turns: int, res: int, text_len: int, tokenizer: str = "bytes") -> dict:
+  """N held-out sequences of T edits, stacked: images [N,T+1,R,R,3], tokens [N,T,l] (by the
+  model's tokenizer: bytes, or a Hugging Face tokenizer folder), masks."""
+  rows = [pipeline.example_from_seed(i, split="heldout", res=res, num_turns=turns, text_len=text_len,
+                                     tokenizer=tokenizer) for i in range(n)]
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -269,7 +271,7 @@ def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context=
   cfg0 = load_config(next(iter(found.values())))
   res = res or cfg0.data.res
   count = {name: sequences if name == "i" else (baseline_sequences or sequences) for name in found}
-  seqs = heldout(max(count.values()), turns, res, cfg0.model.text_len)
+  seqs = heldout(max(count.values()), turns, res, cfg0.model.text_len, tokenizer_of(cfg0.model))
   modes = ["own", "oracle"] if context == "both" else [context]
   results, trajectories = {}, {}
   bar = tqdm(total=len(modes) * turns * sum(-(-n // batch_size) for n in count.values()),
