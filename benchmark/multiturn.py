@@ -61,6 +61,9 @@ def main(argv=None):
   ap.add_argument("--teacher-steps", type=int, default=50)
   ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--turn-noise", default="fresh", choices=mt.TURN_NOISE,
+                  help="fresh: new sampler noise every turn; same: one draw reused by every turn "
+                       "of a session")
   ap.add_argument("--weights", default="checkpoints/toy", help="reference checkpoints root")
   ap.add_argument("--runs", default="runs/toy", help="training runs root")
   ap.add_argument("--all", action="store_true", help="train the runs the systems lack first")
@@ -87,7 +90,8 @@ def main(argv=None):
     results, seqs, traj, skipped = mt.evaluate(
         systems, [args.weights, args.runs], sequences=args.sequences,
         baseline_sequences=args.baseline_sequences, context=args.context, turns=args.turns,
-        teacher_steps=args.teacher_steps, batch_size=args.batch_size, seed=args.seed)
+        teacher_steps=args.teacher_steps, batch_size=args.batch_size, seed=args.seed,
+        turn_noise=args.turn_noise)
     wall = time.perf_counter() - t0
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
@@ -95,6 +99,7 @@ def main(argv=None):
   for name, why in skipped.items():
     print(f"skipped {name}: {why}")
   meta = {"command": command, "sequences": args.sequences, "turns": args.turns, "seed": args.seed,
+          "turn_noise": args.turn_noise,
           "baseline_sequences": args.baseline_sequences or args.sequences, "context": args.context,
           "wall_seconds": wall, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
   tab = report.write_outputs(results, seqs, traj, skipped, args.out, meta)

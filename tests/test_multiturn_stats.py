@@ -199,3 +199,26 @@ def test_bad_context_is_a_one_line_error(tmp_path):
       "error: --context must be one of own, oracle, both, got 'truth'"]
   with pytest.raises(ValueError, match="context must be one of"):
     mt.evaluate(["i"], [str(tmp_path)], context="truth")
+
+
+def test_turn_noise_same_reuses_one_draw_for_every_turn(tiny):
+  """--turn-noise same: every turn of a session samples from the noise of turn 1 (fresh: a new
+  draw each turn), through the real memory runner."""
+  cfg, graphdef, params, seqs = tiny
+  real = mt._Memory(mt.SYSTEMS["i"], cfg, graphdef, params, 2, 2)
+  seen = []
+
+  class Recording:
+    start = staticmethod(real.start)
+
+    def turn(self, mem, tokens, rng):
+      seen.append(np.asarray(jax.random.key_data(rng)))
+      return real.turn(mem, tokens, rng)
+
+  for noise in ("fresh", "same"):
+    seen.clear()
+    m, _, _, _ = mt.run_system(Recording(), seqs, batch_size=2, turn_noise=noise)
+    assert len(seen) == 2 and np.isfinite(m["identity_psnr"]).all()
+    assert np.array_equal(seen[0], seen[1]) == (noise == "same")
+  with pytest.raises(ValueError, match="turn_noise must be one of fresh, same"):
+    mt.evaluate(["i"], ["/nonexistent"], turn_noise="again")

@@ -37,6 +37,10 @@ from anchoredit_jax.eval import metrics, stats
 from anchoredit_jax.models.model import init_memory, make_autoencoder
 
 CONTEXTS = ("own", "oracle", "both")
+# the sampler noise of turn k: "fresh" draws anew (fold_in of k), "same" reuses turn 1's draw for
+# every turn of a session, so what a turn's sampling error does to unedited pixels it does alike
+# at every turn instead of adding a new error each time
+TURN_NOISE = ("fresh", "same")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +193,8 @@ def make_runner(system, weights_dir, *, teacher_steps=50, turns=16):
   return _Memory(system, cfg, graphdef, params, teacher_steps, turns)
 
 
-def run_system(runner, seqs, *, context="own", batch_size=32, seed=0, keep=2, bar=None):
+def run_system(runner, seqs, *, context="own", batch_size=32, seed=0, keep=2, bar=None,
+               turn_noise="fresh"):
   """Per-turn metrics {name: [N,T]}, the first `keep` trajectories uint8 [keep,T,R,R,3], the
   state carried between turns at turn T (bytes per sequence) and the median seconds per turn
   (per batch of sequences, turn 1 excluded: it compiles). context "oracle": after each turn the
@@ -203,7 +208,7 @@ def run_system(runner, seqs, *, context="own", batch_size=32, seed=0, keep=2, ba
     state = runner.start(imgs[:, 0])
     rows, outs = [], []
     for k in range(T):
-      rng = jax.random.fold_in(jax.random.key(seed), k)
+      rng = jax.random.fold_in(jax.random.key(seed), k if turn_noise == "fresh" else 0)
       tokens = seqs["tokens"][sl, k]
       if hasattr(runner, "prepare"):
         runner.prepare(state, tokens, rng)
@@ -259,7 +264,8 @@ def find_weights(systems, roots):
 
 
 def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context="own", turns=16,
-             teacher_steps=50, batch_size=32, seed=0, keep=2, res=None, log=print):
+             teacher_steps=50, batch_size=32, seed=0, keep=2, res=None, log=print,
+             turn_noise="fresh"):
   """Run `systems` (names) on the same held-out sequences: system i on the first `sequences`,
   the others on the first `baseline_sequences` (default: as many). Weights of a system are looked
   up in each of `roots` in order (reference checkpoints first, then runs). context: own | oracle |
@@ -267,6 +273,8 @@ def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context=
   own - oracle). Returns (results, seqs, trajectories of the first context, skipped {name: why})."""
   if context not in CONTEXTS:
     raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+  if turn_noise not in TURN_NOISE:
+    raise ValueError(f"turn_noise must be one of {', '.join(TURN_NOISE)}, got {turn_noise!r}")
   found, skipped = find_weights(systems, roots)
   cfg0 = load_config(next(iter(found.values())))
   res = res or cfg0.data.res
@@ -285,7 +293,7 @@ def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context=
       bar.set_postfix(system=name, context=mode)
       t0 = time.perf_counter()
       m, traj, state_bytes, sec = run_system(runner, mine, context=mode, batch_size=batch_size,
-                                             seed=seed, keep=keep, bar=bar)
+                                             seed=seed, keep=keep, bar=bar, turn_noise=turn_noise)
       wall = time.perf_counter() - t0
       log(f"{name}: {count[name]} sequences x {turns} turns, {mode} context: {wall:.1f} s")
       runs[mode] = (m, traj, dict(describe(m, seed), wall_seconds=wall, context=mode))
