@@ -71,8 +71,9 @@ def write_turn(model, mem, x0, text, t=None):
   return mem.append(jax.lax.stop_gradient(kv), jax.lax.stop_gradient(x0))
 
 
-def generate_turn(model, mem, text, uncond, rng, *, steps, guidance, shift):
-  """Sample a turn from noise with Euler + CFG, conditioned on the memory -> x0 [b,H,W,C]."""
+def generate_turn(model, mem, text, uncond, rng, *, steps, guidance, shift, sign=1.0):
+  """Sample a turn from noise with Euler + CFG, conditioned on the memory -> x0 [b,H,W,C].
+  `sign` -1 negates the noise (antithetic draws)."""
   shape = mem.last_latent.shape
 
   def velocity_fn(x, t, guided):
@@ -81,12 +82,13 @@ def generate_turn(model, mem, text, uncond, rng, *, steps, guidance, shift):
       return turn_velocity(model, mem, x, tb, text)[0]
     return guided_velocity(model, mem, x, tb, text, uncond)
 
-  return flow.euler_sample(velocity_fn, jax.random.normal(rng, shape), steps=steps, shift=shift,
+  return flow.euler_sample(velocity_fn, sign * jax.random.normal(rng, shape), steps=steps, shift=shift,
                            guidance=guidance)
 
 
-def generate_turn_fast(model, mem, text, rng, *, steps, shift):
-  """Sample a turn with the distilled consistency student (no CFG: guidance is distilled in)."""
+def generate_turn_fast(model, mem, text, rng, *, steps, shift, sign=1.0):
+  """Sample a turn with the distilled consistency student (no CFG: guidance is distilled in);
+  `sign` -1 negates every noise draw (antithetic draws)."""
   shape = mem.last_latent.shape
   r_init, r_steps = jax.random.split(rng)
 
@@ -94,5 +96,5 @@ def generate_turn_fast(model, mem, text, rng, *, steps, shift):
     tb = jnp.full((x.shape[0],), t)
     return flow.x0_from_velocity(x, turn_velocity(model, mem, x, tb, text)[0], tb)
 
-  return flow.consistency_sample(x0_fn, jax.random.normal(r_init, shape), r_steps, steps=steps,
-                                 shift=shift)
+  return flow.consistency_sample(x0_fn, sign * jax.random.normal(r_init, shape), r_steps, steps=steps,
+                                 shift=shift, sign=sign)

@@ -63,16 +63,16 @@ def consistency_times(steps: int, shift: float):
   return shift_time(jnp.linspace(1.0, 0.0, steps + 1)[:-1], shift)
 
 
-def consistency_sample(x0_fn, noise, rng, *, steps: int, shift: float):
+def consistency_sample(x0_fn, noise, rng, *, steps: int, shift: float, sign: float = 1.0):
   """Few-step sampling with a consistency model: predict x0 from the current noisy x, re-noise it
-  to the next time with fresh noise, repeat; the last prediction is the result.
+  to the next time with fresh noise (times `sign`), repeat; the last prediction is the result.
   x0_fn(x, t_scalar) -> x0. One lax.fori_loop."""
   times = jnp.append(consistency_times(steps, shift), 0.0)
 
   def step(i, carry):
     x, _ = carry
     x0 = x0_fn(x, times[i])
-    eps = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
+    eps = sign * jax.random.normal(jax.random.fold_in(rng, i), x.shape)
     return add_noise(x0, eps, jnp.full(x.shape[:1], times[i + 1])), x0
 
   return jax.lax.fori_loop(0, steps, step, (noise, noise))[1]

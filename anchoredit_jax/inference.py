@@ -37,11 +37,13 @@ EDIT_STAGES = ("causal", "distill")
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """student: few-step consistency sampler (no CFG); teacher: Euler with CFG."""
+  """student: few-step consistency sampler (no CFG); teacher: Euler with CFG. noise_sign -1
+  negates every noise draw (the multi-turn benchmark's antithetic turns)."""
   kind: str = "student"
   steps: int = 4
   guidance: float = 1.0
   shift: float = 3.0
+  noise_sign: float = 1.0
 
 
 def default_sampler(cfg, teacher_steps: int = 50) -> Sampler:
@@ -99,10 +101,11 @@ def _sample(model, mem, tokens, rng, s: Sampler):
   """(clean latent x0 [b,H,W,C], Text) of a new turn from the memory, not written into it."""
   text = encode(model, tokens)  # once per turn, shared by every sampler step and the write
   if s.kind == "student":
-    return generate_turn_fast(model, mem, text, rng, steps=s.steps, shift=s.shift), text
+    return generate_turn_fast(model, mem, text, rng, steps=s.steps, shift=s.shift,
+                              sign=s.noise_sign), text
   empty = encode(model, jnp.broadcast_to(empty_tokens(model.cfg), tokens.shape))
   return generate_turn(model, mem, text, empty, rng, steps=s.steps, guidance=s.guidance,
-                       shift=s.shift), text
+                       shift=s.shift, sign=s.noise_sign), text
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("mem",))

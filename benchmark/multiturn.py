@@ -63,7 +63,7 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--turn-noise", default="fresh", choices=mt.TURN_NOISE,
                   help="fresh: new sampler noise every turn; same: one draw reused by every turn "
-                       "of a session")
+                       "of a session; antithetic: that draw negated at every other turn")
   ap.add_argument("--weights", default="checkpoints/toy", help="reference checkpoints root")
   ap.add_argument("--runs", default="runs/toy", help="training runs root")
   ap.add_argument("--all", action="store_true", help="train the runs the systems lack first")

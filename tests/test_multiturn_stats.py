@@ -203,22 +203,28 @@ def test_bad_context_is_a_one_line_error(tmp_path):
 
 def test_turn_noise_same_reuses_one_draw_for_every_turn(tiny):
   """--turn-noise same: every turn of a session samples from the noise of turn 1 (fresh: a new
-  draw each turn), through the real memory runner."""
+  draw each turn; antithetic: turn 1's draw negated at every other turn), through the real
+  memory runner."""
   cfg, graphdef, params, seqs = tiny
   real = mt._Memory(mt.SYSTEMS["i"], cfg, graphdef, params, 2, 2)
   seen = []
 
   class Recording:
-    start = staticmethod(real.start)
+    start, flip = staticmethod(real.start), staticmethod(real.flip)
 
     def turn(self, mem, tokens, rng):
-      seen.append(np.asarray(jax.random.key_data(rng)))
+      seen.append((np.asarray(jax.random.key_data(rng)), real.sampler.noise_sign))
       return real.turn(mem, tokens, rng)
 
-  for noise in ("fresh", "same"):
+  outs = {}
+  for noise in ("fresh", "same", "antithetic"):
     seen.clear()
-    m, _, _, _ = mt.run_system(Recording(), seqs, batch_size=2, turn_noise=noise)
+    m, outs[noise], _, _ = mt.run_system(Recording(), seqs, batch_size=2, turn_noise=noise)
     assert len(seen) == 2 and np.isfinite(m["identity_psnr"]).all()
-    assert np.array_equal(seen[0], seen[1]) == (noise == "same")
+    assert np.array_equal(seen[0][0], seen[1][0]) == (noise != "fresh")
+    assert [s for _, s in seen] == ([1.0, -1.0] if noise == "antithetic" else [1.0, 1.0])
+  assert real.sampler.noise_sign == 1.0  # left as it was
+  np.testing.assert_array_equal(outs["same"][:, 0], outs["antithetic"][:, 0])  # turn 1 alike
+  assert not np.array_equal(outs["same"][:, 1], outs["antithetic"][:, 1])      # turn 2 negated
   with pytest.raises(ValueError, match="turn_noise must be one of fresh, same"):
     mt.evaluate(["i"], ["/nonexistent"], turn_noise="again")

@@ -39,8 +39,9 @@ from anchoredit_jax.models.model import init_memory, make_autoencoder
 CONTEXTS = ("own", "oracle", "both")
 # the sampler noise of turn k: "fresh" draws anew (fold_in of k), "same" reuses turn 1's draw for
 # every turn of a session, so what a turn's sampling error does to unedited pixels it does alike
-# at every turn instead of adding a new error each time
-TURN_NOISE = ("fresh", "same")
+# at every turn instead of adding a new error each time; "antithetic" reuses it negated at every
+# other turn (memory systems), so that errors odd in the noise cancel between turns
+TURN_NOISE = ("fresh", "same", "antithetic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,10 @@ class _Memory:
     mem = init_memory(self.cfg.model, source.shape[0], source.shape[1], self.window,
                       use_anchor=self.system.anchor)
     return inference.start_memory(*self.args, mem, jnp.asarray(source))
+
+  def flip(self, negate: bool):
+    """Negate (or not) every noise draw of the turns that follow."""
+    self.sampler = dataclasses.replace(self.sampler, noise_sign=-1.0 if negate else 1.0)
 
   def turn(self, mem, tokens, rng):
     return inference.edit_turn(*self.args, mem, jnp.asarray(tokens), rng, sampler=self.sampler)
@@ -209,6 +214,10 @@ def run_system(runner, seqs, *, context="own", batch_size=32, seed=0, keep=2, ba
     rows, outs = [], []
     for k in range(T):
       rng = jax.random.fold_in(jax.random.key(seed), k if turn_noise == "fresh" else 0)
+      if turn_noise == "antithetic":
+        if not hasattr(runner, "flip"):
+          raise ValueError("turn_noise=antithetic needs a memory system (i-v)")
+        runner.flip(k % 2 == 1)
       tokens = seqs["tokens"][sl, k]
       if hasattr(runner, "prepare"):
         runner.prepare(state, tokens, rng)
@@ -227,6 +236,8 @@ def run_system(runner, seqs, *, context="own", batch_size=32, seed=0, keep=2, ba
         outs.append(np.asarray(np.round(np.asarray(pred[:keep]) * 255.0), np.uint8))
       if bar is not None:
         bar.update(1)
+    if turn_noise == "antithetic":
+      runner.flip(False)
     state_bytes = inference.tree_bytes(state) // imgs.shape[0]
     per_batch.append({key: np.stack([r[key] for r in rows], 1) for key in rows[0]})
     if i == 0:
