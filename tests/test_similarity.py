@@ -12,7 +12,10 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 from anchoredit_jax.eval import similarity  # noqa: E402
 from anchoredit_jax.eval.similarity import Scorer, l1, l2, read_preprocessing  # noqa: E402
@@ -39,7 +42,6 @@ def _perturbed(model, seed):
 
 def _tokenizer(path):
   """A CLIP-like word tokenizer (bos text eos, padded with pad) learnt from TEXTS."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
   tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=SPECIALS))
@@ -251,7 +253,6 @@ def test_bad_inputs_give_one_line_errors(scorer, dino):
 
 
 def _edited(path, out, edit_tensors):
-  from safetensors.numpy import load_file, save_file
   shutil.copytree(path, out)
   tensors = load_file(f"{path}/model.safetensors")
   edit_tensors(tensors)
@@ -277,6 +278,8 @@ def test_bad_folders_give_one_line_errors(clip, dino, tmp_path):
             lambda: load_dinov2(pickles / "pytorch_model.bin"))
   _one_line(FileNotFoundError, "preprocessor_config.json not found",
             lambda: read_preprocessing(pickles))
+  (pickles / "config.json").write_text("{")
+  _one_line(ValueError, "config.json is not valid JSON", lambda: load_clip(pickles))
 
   def damage(t):
     t.pop("visual_projection.weight")

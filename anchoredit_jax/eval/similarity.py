@@ -21,7 +21,6 @@ Metrics, each [n] float64 for n pairs:
     not the x100 or CLIPScore-style rescalings some papers print).
 """
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from flax import nnx
 from PIL import Image
 
 from anchoredit_jax.data.tokenize import load_tokenizer
+from anchoredit_jax.models import vit
 from anchoredit_jax.models.clip import LEGACY_EOS, load_clip
 from anchoredit_jax.models.dinov2 import load_dinov2
 
@@ -150,7 +150,7 @@ def read_preprocessing(path) -> Preprocessing:
   if not file.is_file():
     raise FileNotFoundError(f"{file} not found; pass the whole model folder (it ships with its "
                             "preprocessor_config.json)")
-  c = json.loads(file.read_text())
+  c = vit.read_json(file)
   kind = c.get("image_processor_type") or c.get("feature_extractor_type") or ""
   if kind.removesuffix("Fast").removesuffix("Pil") not in PROCESSORS:
     raise ValueError(f"{file}: image processor {kind!r} is not ported (one of {PROCESSORS})")

@@ -130,6 +130,17 @@ def resample_grid(table, size, antialias=False):
 # ---------------------------------------------------------------------------- loading
 
 
+def read_json(file) -> dict:
+  """A JSON object from `file`; a one-line ValueError naming it if it is not one."""
+  try:
+    out = json.loads(Path(file).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{file} is not valid JSON ({e}); re-download the folder") from None
+  if not isinstance(out, dict):
+    raise ValueError(f"{file} holds no JSON object; re-download the folder")
+  return out
+
+
 def read_folder(path, kinds, what, example):
   """(config dict, Tensors) of a Hugging Face model folder whose config.json has a model_type in
   `kinds`; pickles are refused, a missing folder or config.json named."""
@@ -141,7 +152,7 @@ def read_folder(path, kinds, what, example):
   if not (path / "config.json").is_file():
     raise FileNotFoundError(f"{path} has no config.json; pass the folder a {what} model was saved "
                             "to (save_pretrained or huggingface-cli download)")
-  config = json.loads((path / "config.json").read_text())
+  config = read_json(path / "config.json")
   if config.get("model_type") not in kinds:
     raise ValueError(f"{path}: config.json has model_type {config.get('model_type')!r}, not "
                      f"{' or '.join(kinds)}; pass a {what} folder (e.g. {example})")
