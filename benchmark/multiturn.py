@@ -4,6 +4,8 @@
   python -m benchmark.multiturn --systems i --context both   # own beside ground-truth context
   python -m benchmark.multiturn --systems i,ii --sequences 8 --turns 32
   python -m benchmark.multiturn --all                    # first train the missing variants
+  python -m benchmark.multiturn --systems i --checkpoint runs/mine/distill --data '/val/*.tar' \
+      --metrics l1,clip,dino --clip /models/clip --dino /models/dinov2   # your own shards
 
 256 held-out sequences x 16 turns by default (--baseline-sequences: fewer for the systems other
 than i), 95% intervals on every number (anchoredit_jax/eval/stats.py). --context oracle makes the
@@ -26,7 +28,7 @@ import jax
 
 from anchoredit_jax import cli
 from anchoredit_jax.checkpoint import has_model, is_reference
-from anchoredit_jax.eval import multiturn as mt, report
+from anchoredit_jax.eval import multiturn as mt, report, similarity
 
 
 def train_missing(systems, runs, preset):
@@ -64,6 +66,16 @@ def main(argv=None):
   ap.add_argument("--turn-noise", default="fresh", choices=mt.TURN_NOISE,
                   help="fresh: new sampler noise every turn; same: one draw reused by every turn "
                        "of a session; antithetic: that draw negated at every other turn")
+  ap.add_argument("--data", default="", help="your own multi-turn validation shards (a glob or a "
+                  "JSON list, data/wds.py's layout) instead of ShapesEdit's held-out split")
+  ap.add_argument("--checkpoint", default=None, help="one run or reference checkpoint to run as "
+                  "the single system of --systems, instead of looking it up in --weights/--runs")
+  ap.add_argument("--metrics", default="l1,l2,psnr", help="with --data: l1,l2,psnr (always) and "
+                  "clip (CLIP-I, CLIP-T; needs --clip) and/or dino (needs --dino)")
+  ap.add_argument("--clip", default=None, help="a local CLIP folder (e.g. openai/clip-vit-large-patch14)")
+  ap.add_argument("--dino", default=None, help="a local DINOv2 folder (e.g. facebook/dinov2-base)")
+  ap.add_argument("--language", default="en", help="with --data: the instructions' language (en, zh)")
+  ap.add_argument("--res", type=int, default=None, help="image size (default: the model's data.res)")
   ap.add_argument("--weights", default="checkpoints/toy", help="reference checkpoints root")
   ap.add_argument("--runs", default="runs/toy", help="training runs root")
   ap.add_argument("--all", action="store_true", help="train the runs the systems lack first")
@@ -80,6 +92,14 @@ def main(argv=None):
     print(f"error: --context must be one of {', '.join(mt.CONTEXTS)}, got {args.context!r}",
           file=sys.stderr)
     sys.exit(2)
+  wanted = {m.strip() for m in args.metrics.split(",") if m.strip()}
+  unknown = wanted - {"l1", "l2", "psnr", "clip", "dino"}
+  missing = [m for m in ("clip", "dino") if m in wanted and not getattr(args, m)]
+  if unknown or missing or (wanted - {"l1", "l2", "psnr"} and not args.data):
+    print(f"error: --metrics {args.metrics}: " + (f"unknown {sorted(unknown)}" if unknown else
+          f"{missing[0]} needs --{missing[0]} FOLDER" if missing else "clip and dino need --data"),
+          file=sys.stderr)
+    sys.exit(2)
   command = "python -m benchmark.multiturn " + " ".join(argv if argv is not None else sys.argv[1:])
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, devices "
         f"{[d.device_kind for d in jax.devices()]}, jax {jax.__version__}\ncommand: {command}")
@@ -87,11 +107,16 @@ def main(argv=None):
     if args.all:
       train_missing(systems, args.runs, args.preset)
     t0 = time.perf_counter()
+    scorer = None
+    if {"clip", "dino"} & wanted:
+      scorer = similarity.Scorer(clip=args.clip if "clip" in wanted else None,
+                                 dino=args.dino if "dino" in wanted else None)
     results, seqs, traj, skipped = mt.evaluate(
         systems, [args.weights, args.runs], sequences=args.sequences,
         baseline_sequences=args.baseline_sequences, context=args.context, turns=args.turns,
         teacher_steps=args.teacher_steps, batch_size=args.batch_size, seed=args.seed,
-        turn_noise=args.turn_noise)
+        turn_noise=args.turn_noise, data=args.data or None, scorer=scorer, language=args.language,
+        checkpoint=args.checkpoint, res=args.res)
     wall = time.perf_counter() - t0
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
@@ -99,6 +124,7 @@ def main(argv=None):
   for name, why in skipped.items():
     print(f"skipped {name}: {why}")
   meta = {"command": command, "sequences": args.sequences, "turns": args.turns, "seed": args.seed,
+          "data": args.data or "ShapesEdit heldout",
           "turn_noise": args.turn_noise,
           "baseline_sequences": args.baseline_sequences or args.sequences, "context": args.context,
           "wall_seconds": wall, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}

@@ -1,7 +1,9 @@
 """The CLIP and DINOv2 ports equal transformers on tiny random checkpoints saved as safetensors;
 preprocessing equals transformers' PIL image processors; every metric equals a direct numpy /
-torch computation; bad folders and inputs give one-line errors."""
+torch computation; bad folders and inputs give one-line errors; the multi-turn benchmark scores
+your own shards with them."""
 import json
+import os
 import shutil
 
 import jax
@@ -17,12 +19,14 @@ pytest.importorskip("tokenizers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers  # noqa: E402
 
-from anchoredit_jax.eval import similarity  # noqa: E402
+from anchoredit_jax.data import export_wds  # noqa: E402
+from anchoredit_jax.eval import multiturn as mt, similarity  # noqa: E402
+from benchmark import multiturn as bench  # noqa: E402
 from anchoredit_jax.eval.similarity import Scorer, l1, l2, read_preprocessing  # noqa: E402
 from anchoredit_jax.models import vit  # noqa: E402
 from anchoredit_jax.models.clip import load_clip  # noqa: E402
 from anchoredit_jax.models.dinov2 import load_dinov2  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import ROOT, rel_err  # noqa: E402
 
 TEXTS = ["make the sky red", "add a small cat on the left",
          "turn the car blue and make it shiny and then remove the tree and the dog"]
@@ -299,3 +303,36 @@ def test_bad_folders_give_one_line_errors(clip, dino, tmp_path):
   _one_line(ValueError, "position_ids is not 0, 1, 2",
             lambda: load_clip(_edited(old, tmp_path / "shuffled", lambda t: t.update({
                 "text_model.embeddings.position_ids": ids(12)[:, ::-1].copy()}))))
+
+
+def test_the_benchmark_scores_your_own_shards(clip, dino, tmp_path, monkeypatch):
+  """benchmark.multiturn --data: the shipped student on validation shards of your own (here
+  ShapesEdit written as shards), scored with the papers' metrics, each equal to the metric
+  computed directly on the saved outputs; tables and plots written."""
+  export_wds.export(str(tmp_path / "val"), sequences=3, turns=2, res=32, split="heldout")
+  shards, ckpt = str(tmp_path / "val" / "*.tar"), os.path.join(ROOT, "checkpoints/toy/distill")
+  s = Scorer(clip=clip[1], dino=dino[1], batch_size=4)
+  results, seqs, traj, _ = mt.evaluate(["i"], [], sequences=3, turns=2, batch_size=3, keep=3,
+                                       data=shards, scorer=s, checkpoint=ckpt, log=lambda *_: None)
+  r = results["i"]
+  assert set(r["per_turn"]) == {"l1", "l2", "psnr", "clip_i", "clip_t", "clip_i_source", "dino",
+                                "dino_source"}
+  out, gt = traj["i"], seqs["images"]
+  for k in range(2):
+    np.testing.assert_allclose(r["per_turn"]["l1"][k], l1(out[:, k], gt[:, k + 1]).mean(), rtol=1e-6)
+    np.testing.assert_allclose(r["per_turn"]["dino_source"][k], s.dino(out[:, k], gt[:, 0]).mean(), rtol=1e-5)
+    texts = [seqs["instructions"][j][k] for j in range(3)]
+    np.testing.assert_allclose(r["per_turn"]["clip_t"][k], s.clip_t(out[:, k], texts).mean(), rtol=1e-5)
+  lo, hi = r["stats"]["l1"]["ci"][1]
+  assert lo <= r["stats"]["l1"]["value"][1] <= hi
+  # the command: the same run written out, and a missing folder is one error line
+  monkeypatch.chdir(ROOT)
+  bench.main(["--systems", "i", "--checkpoint", ckpt, "--data", shards, "--sequences", "3",
+              "--turns", "2", "--batch-size", "3", "--metrics", "l1,clip", "--clip", clip[1],
+              "--context", "both", "--out", str(tmp_path / "bench")])
+  table = (tmp_path / "bench" / "table.md").read_text()
+  assert "CLIP-T to the instruction" in table and "ground-truth turns as context" in table
+  assert "sequences of your data" in table and (tmp_path / "bench" / "drift.png").exists()
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--data", shards, "--metrics", "dino"])
+  assert e.value.code == 2

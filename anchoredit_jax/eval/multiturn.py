@@ -33,7 +33,7 @@ from anchoredit_jax.checkpoint import has_model, load_config, load_params
 from anchoredit_jax.data import pipeline
 from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.editing import empty_tokens
-from anchoredit_jax.eval import metrics, stats
+from anchoredit_jax.eval import metrics, own_data, stats
 from anchoredit_jax.models.model import init_memory, make_autoencoder
 
 CONTEXTS = ("own", "oracle", "both")
@@ -199,11 +199,12 @@ def make_runner(system, weights_dir, *, teacher_steps=50, turns=16):
 
 
 def run_system(runner, seqs, *, context="own", batch_size=32, seed=0, keep=2, bar=None,
-               turn_noise="fresh"):
+               turn_noise="fresh", scorer=None):
   """Per-turn metrics {name: [N,T]}, the first `keep` trajectories uint8 [keep,T,R,R,3], the
   state carried between turns at turn T (bytes per sequence) and the median seconds per turn
   (per batch of sequences, turn 1 excluded: it compiles). context "oracle": after each turn the
-  ground-truth turn, not the prediction, becomes the context; the prediction is still scored."""
+  ground-truth turn, not the prediction, becomes the context; the prediction is still scored.
+  Sequences without edit masks (your own data) are scored by own_data.score_turn with `scorer`."""
   N, T = seqs["tokens"].shape[:2]
   per_batch, traj, seconds, state_bytes = [], [], [], 0
   for i in range(0, N, batch_size):
@@ -229,9 +230,13 @@ def run_system(runner, seqs, *, context="own", batch_size=32, seed=0, keep=2, ba
       pred = jax.block_until_ready(pred)
       if k:
         seconds.append(time.perf_counter() - t0)
-      rows.append(jax.device_get(metrics.turn_metrics(
-          pred, jnp.asarray(imgs[:, k + 1], jnp.float32) / 255.0, source,
-          jnp.asarray(seqs["edit_masks"][sl, k]), jnp.asarray(seqs["identity_masks"][sl, k]))))
+      if "edit_masks" in seqs:  # ShapesEdit: exact masks
+        rows.append(jax.device_get(metrics.turn_metrics(
+            pred, jnp.asarray(imgs[:, k + 1], jnp.float32) / 255.0, source,
+            jnp.asarray(seqs["edit_masks"][sl, k]), jnp.asarray(seqs["identity_masks"][sl, k]))))
+      else:  # your own data: the papers' metrics
+        rows.append(own_data.score_turn(pred, imgs[:, k + 1], imgs[:, 0],
+                                        [t[k] for t in seqs["instructions"][sl]], scorer))
       if i == 0:
         outs.append(np.asarray(np.round(np.asarray(pred[:keep]) * 255.0), np.uint8))
       if bar is not None:
@@ -253,7 +258,10 @@ def summarize(m) -> dict:
 
 def describe(m, seed=0) -> dict:
   """Means of every metric ("per_turn") and the intervals, conditional success and all-correct
-  share of stats.summarize_turns ("stats") of one system in one context."""
+  share of stats.summarize_turns ("stats") of one system in one context (own data: the means and
+  bootstrap intervals of its metrics)."""
+  if "success" not in m:
+    return own_data.describe(m, seed)
   return {"per_turn": summarize(m), "stats": stats.summarize_turns(
       m["success"], m["identity_psnr"], m["preserved_psnr"], seed=seed)}
 
@@ -276,21 +284,34 @@ def find_weights(systems, roots):
 
 def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context="own", turns=16,
              teacher_steps=50, batch_size=32, seed=0, keep=2, res=None, log=print,
-             turn_noise="fresh"):
+             turn_noise="fresh", data=None, scorer=None, language="en", checkpoint=None):
   """Run `systems` (names) on the same held-out sequences: system i on the first `sequences`,
   the others on the first `baseline_sequences` (default: as many). Weights of a system are looked
   up in each of `roots` in order (reference checkpoints first, then runs). context: own | oracle |
   both (own first; the oracle run's results go under "oracle", with the per-sequence identity gap
-  own - oracle). Returns (results, seqs, trajectories of the first context, skipped {name: why})."""
+  own - oracle). `data`: your own shards instead of ShapesEdit (own_data.py; `scorer` adds CLIP /
+  DINO). `checkpoint`: one run or reference checkpoint to run as the (single) system instead of
+  looking it up. Returns (results, seqs, trajectories of the first context, skipped {name: why})."""
   if context not in CONTEXTS:
     raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
   if turn_noise not in TURN_NOISE:
     raise ValueError(f"turn_noise must be one of {', '.join(TURN_NOISE)}, got {turn_noise!r}")
-  found, skipped = find_weights(systems, roots)
+  if checkpoint is not None:
+    if len(systems) != 1 or not has_model(checkpoint):
+      raise ValueError(f"--checkpoint {checkpoint}: give one system and a run or reference "
+                       "checkpoint directory")
+    found, skipped = {systems[0]: checkpoint}, {}
+  else:
+    found, skipped = find_weights(systems, roots)
   cfg0 = load_config(next(iter(found.values())))
   res = res or cfg0.data.res
   count = {name: sequences if name == "i" else (baseline_sequences or sequences) for name in found}
-  seqs = heldout(max(count.values()), turns, res, cfg0.model.text_len, tokenizer_of(cfg0.model))
+  if data:
+    seqs = own_data.sequences(data, max(count.values()), turns, res, cfg0.model.text_len,
+                              tokenizer_of(cfg0.model), language)
+    count = {name: min(n, len(seqs["keys"])) for name, n in count.items()}
+  else:
+    seqs = heldout(max(count.values()), turns, res, cfg0.model.text_len, tokenizer_of(cfg0.model))
   modes = ["own", "oracle"] if context == "both" else [context]
   results, trajectories = {}, {}
   bar = tqdm(total=len(modes) * turns * sum(-(-n // batch_size) for n in count.values()),
@@ -298,13 +319,14 @@ def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context=
   for name, wdir in found.items():
     sys_ = SYSTEMS[name]
     runner = make_runner(sys_, wdir, teacher_steps=teacher_steps, turns=turns)
-    mine = {k: v[:count[name]] for k, v in seqs.items()}
+    mine = {k: v[:count[name]] for k, v in seqs.items()}  # arrays and lists alike
     runs = {}
     for mode in modes:
       bar.set_postfix(system=name, context=mode)
       t0 = time.perf_counter()
       m, traj, state_bytes, sec = run_system(runner, mine, context=mode, batch_size=batch_size,
-                                             seed=seed, keep=keep, bar=bar, turn_noise=turn_noise)
+                                             seed=seed, keep=keep, bar=bar, turn_noise=turn_noise,
+                                             scorer=scorer)
       wall = time.perf_counter() - t0
       log(f"{name}: {count[name]} sequences x {turns} turns, {mode} context: {wall:.1f} s")
       runs[mode] = (m, traj, dict(describe(m, seed), wall_seconds=wall, context=mode))
@@ -314,7 +336,9 @@ def evaluate(systems, roots, *, sequences=256, baseline_sequences=None, context=
                          "state_bytes": int(state_bytes), "seconds_per_turn": sec, **runs[mode][2]}
         trajectories[name] = traj
     if context == "both":
-      gap = stats.paired_gap(runs["own"][0]["identity_psnr"], runs["oracle"][0]["identity_psnr"], seed=seed)
-      results[name]["oracle"] = dict(runs["oracle"][2], identity_gap=gap)
+      results[name]["oracle"] = dict(runs["oracle"][2])
+      if "identity_psnr" in runs["own"][0]:
+        results[name]["oracle"]["identity_gap"] = stats.paired_gap(
+            runs["own"][0]["identity_psnr"], runs["oracle"][0]["identity_psnr"], seed=seed)
   bar.close()
   return results, seqs, trajectories, skipped

@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from anchoredit_jax.eval import own_data
+
 
 def report_turns(T: int) -> list:
   """The turns a table shows: 1, 4, 8, ... up to T, and T itself."""
@@ -110,7 +112,53 @@ def drift_sentence(name: str, r: dict) -> str:
 def headline(results: dict) -> str:
   """drift_sentence of the main system (i) if it ran, else of the first system."""
   name = "i" if "i" in results else next(iter(results))
+  if not masked(results):
+    return own_sentence(name, results[name])
   return drift_sentence(name, results[name])
+
+
+def masked(results: dict) -> bool:
+  """Whether the results are ShapesEdit's (exact masks: success, identity PSNR) or own data's."""
+  return "success" in next(iter(results.values()))["stats"]
+
+
+def own_metrics(r: dict) -> list:
+  return [k for k in own_data.MEANING if k in r["stats"]]
+
+
+def own_sentence(name: str, r: dict) -> str:
+  """The headline of a run on your own data: its identity (or, without CLIP/DINO, its L1) and
+  its instruction following (CLIP-T), first turn to last, with intervals."""
+  s, T = r["stats"], len(r["stats"]["l1"]["value"])
+  num = lambda e, t: f"{e['value'][t - 1]:.3f} [{e['ci'][t - 1][0]:.3f},{e['ci'][t - 1][1]:.3f}]"
+  keys = [k for k in ("dino_source", "clip_i_source", "clip_t") if k in s] or ["l1"]
+  parts = [f"{own_data.MEANING[k]} {_change(s[k], 1, T, '', lambda e, t, u: num(e, t))}" for k in keys]
+  return (f"System {name} ({r['label']}, {CONTEXT_WORDS[r['context']]}, {s['sequences']} sequences "
+          f"of your data): " + "; ".join(parts) + ". Brackets: 95% bootstrap intervals.")
+
+
+def own_table(results: dict, T: int) -> str:
+  """One table per metric (rows: systems; columns: the report turns), 95% bootstrap intervals;
+  an oracle run's rows beside; then the cost."""
+  turns = report_turns(T)
+  num = lambda key, oracle=False: lambda r, t: (
+      lambda e: f"{e['value'][t - 1]:.3f} [{e['ci'][t - 1][0]:.3f},{e['ci'][t - 1][1]:.3f}]")(
+          (r["oracle"] if oracle else r)["stats"][key])
+  ctx = next(iter(results.values()))["context"]
+  lines = [f"Context: {CONTEXT_WORDS[ctx]}. Brackets: 95% intervals (bootstrap over sequences, "
+           "2000 resamples).", ""]
+  for key in own_metrics(next(iter(results.values()))):
+    lines += _section(own_data.MEANING[key], results, turns, num(key))
+    oracle = {n: r for n, r in results.items() if "oracle" in r}
+    if oracle:
+      lines += _section(f"{own_data.MEANING[key]}, ground-truth turns as context", oracle, turns,
+                        num(key, oracle=True))
+  lines += ["### Cost", "", "| system | sequences | state bytes at T | ms per turn (batch) | wall s |",
+            "|---|---|---|---|---|"]
+  for name, r in results.items():
+    lines.append(f"| {name} {r['label']} | {r['stats']['sequences']} | {r['state_bytes']:,} | "
+                 f"{1e3 * r['seconds_per_turn']:.0f} | {wall(r)} |")
+  return "\n".join(lines)
 
 
 def drift_plot(results: dict, path: str):
@@ -119,21 +167,24 @@ def drift_plot(results: dict, path: str):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+  panels = ((("identity_psnr", 1, "dB", "identity PSNR (never-edited pixels vs source), 95% band"),
+             ("success", 100, "%", "edit success, 95% band")) if masked(results) else
+            [(k, 1, "", own_data.MEANING[k]) for k in own_metrics(next(iter(results.values())))][:4])
+  fig, ax = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+  ax = ax[0]
   for i, (name, r) in enumerate(results.items()):
     runs = [(r, "o-", f"{name} {r['label']}")] + ([(r["oracle"], "--", f"{name} oracle context")]
                                                   if "oracle" in r else [])
     for run, style, label in runs:
-      for a, key, scale in ((ax[0], "identity_psnr", 1), (ax[1], "success", 100)):
+      for a, (key, scale, _, _) in zip(ax, panels):
         e = run["stats"][key]
         t = np.arange(1, len(e["value"]) + 1)
         a.plot(t, scale * np.asarray(e["value"]), style, ms=3, color=f"C{i}", label=label)
         a.fill_between(t, *(scale * np.asarray(e["ci"]).T), color=f"C{i}", alpha=0.15, lw=0)
-  ax[0].set(xlabel="turn", ylabel="dB", title="identity PSNR (never-edited pixels vs source), 95% band")
-  ax[1].set(xlabel="turn", ylabel="%", title="edit success, 95% band", ylim=(0, 102))
-  for a in ax:
+  for a, (key, _, unit, title) in zip(ax, panels):
+    a.set(xlabel="turn", ylabel=unit, title=title, **({"ylim": (0, 102)} if key == "success" else {}))
     a.grid(alpha=0.3)
-  ax[1].legend(fontsize=7, loc="lower left")
+  ax[-1].legend(fontsize=7, loc="lower left")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -167,7 +218,7 @@ def write_outputs(results, seqs, trajectories, skipped, out, meta) -> str:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({**meta, "systems": results, "skipped": skipped}, f, indent=2)
-  tab = table(results, seqs["tokens"].shape[1])
+  tab = (table if masked(results) else own_table)(results, seqs["tokens"].shape[1])
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(headline(results) + "\n\n" + tab + "\n")
   drift_plot(results, os.path.join(out, "drift.png"))

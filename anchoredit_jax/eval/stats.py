@@ -86,6 +86,11 @@ def _mean(x, seed) -> dict:
     return {"value": _list(np.nanmean(x, axis=0)), "ci": _pairs(lo, hi)}
 
 
+def mean_turns(x, *, seed: int = 0) -> dict:
+  """Per-turn means of x [N,T] over sequences with bootstrap 95% intervals: {"value", "ci"}."""
+  return _mean(np.asarray(x, np.float64), seed)
+
+
 def _list(a, kind=float):
   return [kind(v) for v in np.asarray(a)]
 
