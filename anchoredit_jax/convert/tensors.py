@@ -97,3 +97,17 @@ class Tensors:
 
 def open_checkpoint(path) -> Tensors:
   return Tensors(checkpoint_files(path))
+
+
+def check_keys(want: dict, shapes: dict, source, what: str):
+  """Raise one ValueError if the checkpoint's {key: shape} `shapes` is not exactly the model's
+  `want`: how many keys are missing, unexpected or of the wrong shape, with the first three."""
+  missing, unexpected = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
+  wrong = [f"{k} {list(shapes[k])} (config: {list(want[k])})" for k in sorted(want)
+           if k in shapes and tuple(shapes[k]) != tuple(want[k])]
+  if missing or unexpected or wrong:
+    problems = [f"{len(v)} {kind} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                for kind, v in (("missing", missing), ("unexpected", unexpected),
+                                ("with the wrong shape", wrong)) if v]
+    raise ValueError(f"{source} does not match its config: {'; '.join(problems)}; check that "
+                     f"config.json and the weights come from the same {what}")

@@ -43,6 +43,14 @@ def wall(r: dict) -> str:
   return f"{r['wall_seconds']:.0f}" + (f" + {r['oracle']['wall_seconds']:.0f} oracle" if "oracle" in r else "")
 
 
+def cost(results: dict) -> list:
+  """The Markdown lines of what each system's run cost: state bytes, time per turn, wall time."""
+  lines = ["### Cost", "", "| system | sequences | state bytes at T | ms per turn (batch) | wall s |",
+           "|---|---|---|---|---|"]
+  return lines + [f"| {name} {r['label']} | {r['stats']['sequences']} | {r['state_bytes']:,} | "
+                  f"{1e3 * r['seconds_per_turn']:.0f} | {wall(r)} |" for name, r in results.items()]
+
+
 RATES = ("success", "conditional_success", "all_correct")
 
 
@@ -76,12 +84,7 @@ def table(results: dict, T: int) -> str:
                         turns, _cell("success", oracle=True)),
               *_section("Identity PSNR, dB: own context / oracle context / gap (own - oracle, "
                         "paired over sequences)", oracle, turns, side)]
-  lines += ["### Cost", "", "| system | sequences | state bytes at T | ms per turn (batch) | wall s |",
-            "|---|---|---|---|---|"]
-  for name, r in results.items():
-    lines.append(f"| {name} {r['label']} | {r['stats']['sequences']} | {r['state_bytes']:,} | "
-                 f"{1e3 * r['seconds_per_turn']:.0f} | {wall(r)} |")
-  return "\n".join(lines)
+  return "\n".join(lines + cost(results))
 
 
 def _change(entry, a, b, unit, fmt) -> str:
@@ -153,12 +156,7 @@ def own_table(results: dict, T: int) -> str:
     if oracle:
       lines += _section(f"{own_data.MEANING[key]}, ground-truth turns as context", oracle, turns,
                         num(key, oracle=True))
-  lines += ["### Cost", "", "| system | sequences | state bytes at T | ms per turn (batch) | wall s |",
-            "|---|---|---|---|---|"]
-  for name, r in results.items():
-    lines.append(f"| {name} {r['label']} | {r['stats']['sequences']} | {r['state_bytes']:,} | "
-                 f"{1e3 * r['seconds_per_turn']:.0f} | {wall(r)} |")
-  return "\n".join(lines)
+  return "\n".join(lines + cost(results))
 
 
 def drift_plot(results: dict, path: str):

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax import sharding as sh
-from anchoredit_jax.convert.tensors import Tensors, checkpoint_files
+from anchoredit_jax.convert.tensors import Tensors, check_keys, checkpoint_files
 from anchoredit_jax.data.tokenize import PAD_ID
 from anchoredit_jax.models.layers import Dense, RMSNorm, param
 
@@ -204,15 +204,7 @@ def load_umt5(path, *, dtype=jnp.float32, max_len=512) -> UMT5Encoder:
   expect = _hf_names(model)
   want = {k: tuple(v.get_value().shape[::-1] if linear else v.get_value().shape)
           for k, (v, linear) in expect.items()}
-  missing, unexpected = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
-  wrong = [f"{k} {list(shapes[k])} (config: {list(want[k])})" for k in sorted(want)
-           if k in shapes and shapes[k] != want[k]]
-  if missing or unexpected or wrong:
-    problems = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                for what, v in (("missing", missing), ("unexpected", unexpected),
-                                 ("with the wrong shape", wrong)) if v]
-    raise ValueError(f"{path} does not match its config: {'; '.join(problems)}; check that "
-                     "config.json and the weights come from the same umT5 encoder")
+  check_keys(want, shapes, path, "umT5 encoder")
   for k, name in source.items():
     var, linear = expect[k]
     a = np.asarray(tensors[name]).astype(np.float32)

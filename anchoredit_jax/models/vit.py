@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax import sharding as sh
-from anchoredit_jax.convert.tensors import Tensors, checkpoint_files, refuse_pickle
+from anchoredit_jax.convert.tensors import Tensors, check_keys, checkpoint_files, refuse_pickle
 from anchoredit_jax.models.attention import attend
 from anchoredit_jax.models.layers import Dense, param
 
@@ -202,15 +202,7 @@ def assign(expected, tensors, source, what, dtype=jnp.float32, checked=()):
   want = {k: _stored_shape(tuple(var.get_value().shape), layout)
           for k, (var, layout) in expected.items()}
   shapes = {k: tuple(tensors.shape(k)) for k in tensors.keys() if k not in checked}
-  missing, unexpected = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
-  wrong = [f"{k} {list(shapes[k])} (config: {list(want[k])})" for k in sorted(want)
-           if k in shapes and shapes[k] != want[k]]
-  if missing or unexpected or wrong:
-    problems = [f"{len(v)} {kind} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                for kind, v in (("missing", missing), ("unexpected", unexpected),
-                                ("with the wrong shape", wrong)) if v]
-    raise ValueError(f"{source} does not match its config: {'; '.join(problems)}; check that "
-                     f"config.json and the weights come from the same {what} model")
+  check_keys(want, shapes, source, f"{what} model")
   for k, (var, layout) in expected.items():
     a = np.asarray(tensors[k]).astype(np.float32)
     var.set_value(jnp.asarray(_to_ours(a, tuple(var.get_value().shape), layout), dtype))
