@@ -47,8 +47,10 @@ def load_config(workdir) -> ml_collections.ConfigDict:
   try:
     with open(path) as f:
       cfg = json.load(f)
-    # model fields added since the run was made take their preset default
-    cfg["model"] = {**json.loads(model_config(cfg.get("preset", "toy")).to_json()), **cfg.get("model", {})}
+    # model fields added since the run was made: the value such runs had (ADDED_FIELDS), else
+    # their preset's default (a preset's default may have changed since: wan's rope_stride)
+    cfg["model"] = {**json.loads(model_config(cfg.get("preset", "toy")).to_json()), **ADDED_FIELDS,
+                    **cfg.get("model", {})}
   except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a config's shape
     raise ValueError(f"{path} is not a valid config ({short(e, 120)}); restore it from the run "
                      "or the repository") from e

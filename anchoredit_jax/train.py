@@ -243,13 +243,49 @@ def own_data(cfg, seed=None):
     source = tfds_builder.Frozen(d.shards, jax.process_index(), procs)
   it = batches.BucketBatches(
       source, batch_size=cfg.train.batch_size // procs, base=d.bucket_base or d.res, step=d.bucket_step,
-      max_ratio=d.max_ratio, max_turns=d.num_turns, exact_turns=d.exact_turns,
+      max_ratio=d.max_ratio, exact_turns=d.exact_turns,
+      max_turns=None if cfg.stage == "pretrain" else d.num_turns,  # stage 1: every turn a pair
       language=d.language, text_len=m.text_len, tokenizer=tokenizer_of(m),
       seed=cfg.seed if seed is None else seed, read_threads=d.threads, prefetch=d.prefetch,
       agree=agree, pairs=cfg.stage == "pretrain")
   say(f"data: {len(source)} samples in this process's part of {d.shards}, {len(it.buckets)} "
       f"aspect-ratio buckets, at most {it.variants} batch shapes (compiled step variants)")
   return it
+
+
+def gather_strings(text: str, allgather=None) -> list:
+  """Every process's `text`, in process order (a collective: every process calls it)."""
+  allgather = allgather or (lambda x: np.asarray(multihost_utils.process_allgather(x)))
+  b = np.frombuffer(text.encode(), np.uint8)
+  n = allgather(np.array([len(b)], np.int64)).reshape(-1)
+  padded = np.zeros(int(n.max()), np.uint8)
+  padded[:len(b)] = b
+  rows = allgather(padded).reshape(len(n), -1)
+  return [bytes(rows[p, :n[p]]).decode() for p in range(len(n))]
+
+
+def save_data_state(data_it, allgather=None) -> str:
+  """The data position for a checkpoint. Own data (BucketBatches) has one state per process,
+  and only process 0 writes the checkpoint's JSON: with several processes it holds a list of
+  every process's state. ShapesEdit's position is the same on every process."""
+  state = pipeline.save_iterator_state(data_it)
+  if not isinstance(data_it, batches.BucketBatches) or (allgather is None and jax.process_count() == 1):
+    return state
+  return json.dumps({"per_process": gather_strings(state, allgather)})
+
+
+def restore_data_state(data_it, saved, process_index=None, process_count=None):
+  """Inverse of save_data_state, refusing a state saved by another number of processes."""
+  p = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  state = json.loads(saved) if isinstance(saved, (str, bytes)) else saved
+  per = state.get("per_process") if isinstance(state, dict) else None
+  if isinstance(data_it, batches.BucketBatches) and (per is not None or n > 1):
+    if per is None or len(per) != n:
+      raise ValueError(f"this run's data position was saved by {len(per) if per else 1} "
+                       f"process(es); resume it with that many, not {n} (own data is split by shard)")
+    state = per[p]
+  pipeline.restore_iterator_state(data_it, state)
 
 
 def data_metrics(data_it) -> dict:
@@ -325,9 +361,16 @@ def _check_config(workdir, cfg):
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     old = load_config(workdir)
-    if parameter_fields(old.model) != parameter_fields(cfg.model) or old.get("stage") != cfg.stage:
-      raise ValueError(f"{workdir} holds a run with a different model config or stage; "
-                       "use a new --workdir or the same config")
+    was, now = parameter_fields(old.model), parameter_fields(cfg.model)
+    differ = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if differ:
+      k = differ[0]
+      raise ValueError(f"{workdir} holds a run made with model.{k}={was.get(k)!r} (this config: "
+                       f"{now.get(k)!r}{f', and {len(differ) - 1} more fields' if len(differ) > 1 else ''}); "
+                       f"resume it with --config.model.{k}={was.get(k)} or use a new --workdir")
+    if old.get("stage") != cfg.stage:
+      raise ValueError(f"{workdir} holds a {old.get('stage')} run, not {cfg.stage}; use a new "
+                       "--workdir or that stage's config")
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
@@ -456,7 +499,7 @@ def train(cfg, workdir):
     if "nonfinite" not in state:  # saved before the count existed
       state["nonfinite"] = jax.device_put(jax.tree.map(jnp.zeros_like, trainer.abstract_state["nonfinite"]),
                                           trainer.replicated)
-    pipeline.restore_iterator_state(data_it, extra["data"])
+    restore_data_state(data_it, extra["data"])
     train_seconds = extra["train_seconds"]
     say(f"resuming {workdir} at step {start} ({train_seconds / 60:.1f} training minutes so far)")
   record_provenance(workdir, start)
@@ -466,7 +509,7 @@ def train(cfg, workdir):
         f"stored values to {err:.1e})")
 
   def save(step):
-    save_step(mngr, step, state, {"data": pipeline.save_iterator_state(data_it),
+    save_step(mngr, step, state, {"data": save_data_state(data_it),
                                   "train_seconds": train_seconds,
                                   "config_fields": config_fields(cfg)})
 

@@ -74,14 +74,15 @@ def main(argv=None):
                   "clip (CLIP-I, CLIP-T; needs --clip) and/or dino (needs --dino)")
   ap.add_argument("--clip", default=None, help="a local CLIP folder (e.g. openai/clip-vit-large-patch14)")
   ap.add_argument("--dino", default=None, help="a local DINOv2 folder (e.g. facebook/dinov2-base)")
-  ap.add_argument("--language", default="en", help="with --data: the instructions' language (en, zh)")
+  ap.add_argument("--language", default="en", choices=("en", "zh"),
+                  help="with --data: the instructions' language")
   ap.add_argument("--res", type=int, default=None, help="image size (default: the model's data.res)")
   ap.add_argument("--weights", default="checkpoints/toy", help="reference checkpoints root")
   ap.add_argument("--runs", default="runs/toy", help="training runs root")
   ap.add_argument("--all", action="store_true", help="train the runs the systems lack first")
   ap.add_argument("--preset", default="toy", help="config preset of runs trained by --all")
   ap.add_argument("--out", default="benchmark/results/multiturn/latest")
-  args = cli.parse_args(ap, argv)
+  args = ap.parse_args(argv)
   systems = [s.strip() for s in args.systems.split(",") if s.strip()]
   bad = [s for s in systems if s not in mt.SYSTEMS]
   if bad or args.turns < 1 or args.sequences < 1 or (args.baseline_sequences or 1) < 1:
@@ -100,6 +101,7 @@ def main(argv=None):
           f"{missing[0]} needs --{missing[0]} FOLDER" if missing else "clip and dino need --data"),
           file=sys.stderr)
     sys.exit(2)
+  cli.stop_if_args_only()  # the README test: flags and their checks above, nothing run
   command = "python -m benchmark.multiturn " + " ".join(argv if argv is not None else sys.argv[1:])
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, devices "
         f"{[d.device_kind for d in jax.devices()]}, jax {jax.__version__}\ncommand: {command}")

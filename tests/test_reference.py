@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from anchoredit_jax.checkpoint import load_params
+from anchoredit_jax import train
+from anchoredit_jax.checkpoint import load_config, load_params
+from configs import causal as causal_config
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "toy")
 STAGES = ("pretrain", "causal", "distill")
@@ -58,3 +60,19 @@ def test_broken_reference_copies_give_one_line_errors(tmp_path):
   (bad / "meta.json").write_text(json.dumps(meta))
   with pytest.raises(ValueError, match="could not be read"):
     load_params(str(bad))
+
+
+def test_a_run_older_than_a_model_field_loads_with_the_value_it_had(tmp_path):
+  """A wan run saved before text_padding and rope_stride existed computed with masked padding
+  and stride 1, whatever the preset's defaults are now; resuming it under the new defaults is
+  refused by the field's name, with the flag that resumes it."""
+  cfg = causal_config.get_config("wan1.3b")
+  saved = json.loads(cfg.to_json())
+  del saved["model"]["text_padding"], saved["model"]["rope_stride"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  old = load_config(tmp_path)
+  assert (old.model.text_padding, old.model.rope_stride) == ("masked", 1)
+  assert (cfg.model.text_padding, cfg.model.rope_stride) == ("attend", 4)
+  with pytest.raises(ValueError, match=r"made with model.rope_stride=1 \(this config: 4, and 1 more "
+                     r"fields\); resume it with --config.model.rope_stride=1"):
+    train._check_config(str(tmp_path), cfg)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from anchoredit_jax.data import batches, buckets as bk, export_wds, shapes, tfds_builder, wds
+from anchoredit_jax import train
 from anchoredit_jax.train import make_data
 from configs import causal as causal_config
 from tests.helpers import train_cli
@@ -97,7 +98,15 @@ def test_shards_split_between_processes_and_read_by_seeking(tmp_path):
   data = (tmp_path / "s0.tar").read_bytes()
   (tmp_path / "cut.tar").write_bytes(data[:len(data) * 2 // 3])
   cut = wds.Source([str(tmp_path / "cut.tar")])
-  assert cut.corrupt_shards == 1 and [e.key for e in cut.entries] == ["k0_0"]
+  assert cut.corrupt_shards == 1 and [e.key for e in cut.entries][0] == "k0_0"
+  assert wds.parse(cut[0])[0] is not None and all(wds.parse(cut[i])[0] is None for i in range(1, len(cut)))
+  # a damaged header in the middle (tarfile stops there quietly) is counted too
+  first = wds.index_shard(str(tmp_path / "s0.tar"))[0][1].members[0][1] - 512  # k0_1's first header
+  broken = bytearray(data)
+  broken[first:first + 100] = b"\xff" * 100
+  (tmp_path / "broken.tar").write_bytes(bytes(broken))
+  hurt = wds.Source([str(tmp_path / "broken.tar")])
+  assert hurt.corrupt_shards == 1 and [e.key for e in hurt.entries] == ["k0_0"]
 
 
 def _mixed_shards(tmp_path):
@@ -220,6 +229,7 @@ def test_stages_1_and_2_train_on_shards(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if r["kind"] == "train"]
   assert train and train[-1]["data_shapes"] == 1 and train[-1]["data_no_json"] == 0
+  assert train[-1]["data_truncated"] == 0  # stage 1 takes all 3 turns of a sample as pairs
   p = train_cli(tmp_path / "s2", "--config.data.source=wds", shards, "--config.train.steps=2",
                 f"--config.init_from={tmp_path / 's1'}", config="configs/causal.py:smoke")
   assert p.returncode == 0, p.stderr[-2000:]
@@ -256,3 +266,79 @@ def test_shards_converted_to_array_record_give_the_same_batches(tmp_path):
   assert batch["images"].shape == (2, 3, 32, 32, 3) and batch["tokens"].shape[:2] == (2, 2)
   with pytest.raises(FileNotFoundError, match="holds no converted shards"):
     tfds_builder.Frozen(str(tmp_path / "nothing"))
+
+
+def _fake_allgather(n):
+  """An all-gather between n threads (each passes its array, all get them stacked)."""
+  barrier, slots = threading.Barrier(n), [None] * n
+  local = threading.local()
+
+  def gather(x):
+    slots[local.p] = np.asarray(x)
+    barrier.wait()
+    out = np.stack(slots)
+    barrier.wait()
+    return out
+  return gather, local
+
+
+def test_each_process_resumes_its_own_data_position(tmp_path):
+  """Only process 0 writes a checkpoint's JSON, so the data position holds every process's own
+  state; each resumes from its own, and another process count is refused."""
+  paths = _mixed_shards(tmp_path)
+  gather, local = _fake_allgather(2)
+  agree = lambda fill: gather(fill)
+  saved, want = [None, None], [None, None]
+
+  def run(p):
+    local.p = p
+    it = _batcher(wds.Source(paths, p, 2), num_epochs=4, agree=agree)
+    next(it)
+    saved[p] = train.save_data_state(it, allgather=gather)
+    want[p] = [next(it)["images"] for _ in range(3)]
+
+  threads = [threading.Thread(target=run, args=(p,)) for p in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert saved[0] == saved[1] and len(json.loads(saved[0])["per_process"]) == 2
+
+  def resume(p):
+    local.p = p
+    it = _batcher(wds.Source(paths, p, 2), num_epochs=4, agree=agree)
+    train.restore_data_state(it, saved[0], p, 2)
+    for a in want[p]:
+      np.testing.assert_array_equal(a, next(it)["images"])
+    want[p] = "ok"
+
+  threads = [threading.Thread(target=resume, args=(p,)) for p in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert want == ["ok", "ok"]
+  alone = _batcher(wds.Source(paths), num_epochs=1)
+  with pytest.raises(ValueError, match="saved by 2 process.es.; resume it with that many, not 3"):
+    train.restore_data_state(alone, saved[0], 0, 3)
+  with pytest.raises(ValueError, match="saved by 1 process.es.; resume it with that many, not 2"):
+    train.restore_data_state(alone, train.save_data_state(alone), 0, 2)
+
+
+def test_data_that_cannot_make_batches_stops_with_a_reason(tmp_path):
+  wds.write_shard(str(tmp_path / "bad.tar"), [_raw(f"b{i}", 2, json=None) for i in range(3)])
+  with pytest.raises(ValueError, match="no usable sample in 3 reads .*no_json"):
+    next(_batcher(wds.Source([str(tmp_path / "bad.tar")])))
+  paths = _mixed_shards(tmp_path / "m") if (tmp_path / "m").mkdir() is None else None
+  with pytest.raises(ValueError, match="samples wait in buckets that no batch fills"):
+    for _ in range(20):
+      next(_batcher(wds.Source(paths), batch_size=8, max_pending=5))
+
+
+def test_an_export_does_not_mix_with_shards_of_other_flags(tmp_path):
+  export_wds.export(str(tmp_path), sequences=2, turns=1, res=32, per_shard=1)
+  more = export_wds.export(str(tmp_path), sequences=2, turns=1, res=32, per_shard=1, first=2)
+  assert [os.path.basename(p) for p in more] == ["train-000000002.tar", "train-000000003.tar"]
+  assert len(wds.Source(wds.shard_list(str(tmp_path / "*.tar")))) == 4
+  with pytest.raises(ValueError, match="exported with .* not"):
+    export_wds.export(str(tmp_path), sequences=2, turns=2, res=32, per_shard=1)

@@ -44,7 +44,7 @@ class BucketBatches(grain.DatasetIterator):
   def __init__(self, source, *, batch_size, base, text_len, seed, step=64, max_ratio=4.0,
                max_turns=None, exact_turns=False, language="en", tokenizer="bytes",
                num_epochs=None, shuffle=True, read_threads=1, prefetch=16, agree=alone,
-               pairs=False):
+               pairs=False, max_pending=4096):
     super().__init__()
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -55,6 +55,7 @@ class BucketBatches(grain.DatasetIterator):
     if not len(source):
       raise ValueError("no samples in this process's shards")
     self.source, self.B, self.seed, self.agree = source, batch_size, seed, agree
+    self.max_pending = max_pending  # samples waiting in buckets before the data is called unusable
     self.buckets = bk.hw_buckets(base, step, max_ratio)
     self.pairs = pairs  # stage 1: every turn of a sample becomes its own (previous, next) pair
     self.max_turns = 1 if pairs else max_turns  # of a batch (None: unbounded)
@@ -95,6 +96,7 @@ class BucketBatches(grain.DatasetIterator):
   # --- state -----------------------------------------------------------------------------
 
   def _start(self, state):
+    self.close()
     self.it = iter(self.reads.to_iter_dataset(self.options))
     if state["read"] is not None:
       self.it.set_state(state["read"])
@@ -111,7 +113,7 @@ class BucketBatches(grain.DatasetIterator):
       for i, k in ids:
         item = next(s for j, s in self._load(i)[1] if j == [i, k])
         self._add([i, k], item)
-    self.done = False
+    self.done, self.dry = False, 0  # reads since a sample was last kept
 
   def get_state(self):
     return {"read": self.it.get_state(), "counts": dict(self.counts), "shapes": sorted(self.shapes),
@@ -179,8 +181,18 @@ class BucketBatches(grain.DatasetIterator):
         self.warned.add(d)
         print(f"data: {d} in {self.source.describe(i)} ({'kept' if items else 'skipped'}); "
               "further ones are only counted (metrics: data_<kind>)", file=sys.stderr)
+    self.dry = 0 if items else self.dry + 1
+    if self.dry > len(self.source):
+      raise ValueError(f"no usable sample in {len(self.source)} reads of this process's data "
+                       f"(skipped so far: { {k: v for k, v in self.counts.items() if v} }); check "
+                       "the shards and data.num_turns / data.exact_turns")
     for item_id, item in items:
       self._add(item_id, item)
+    waiting = sum(len(v) for v in self.pending.values())
+    if waiting > self.max_pending:
+      raise ValueError(f"{waiting} samples wait in buckets that no batch fills (on every process): "
+                       "shards grouped by shape or turn count starve the others; shuffle samples "
+                       "across shards, or use fewer buckets (data.bucket_step, data.max_ratio)")
 
   def __next__(self):
     while (key := self._ready()) is None:

@@ -5,8 +5,9 @@
 One format serves both: a run with --config.data.source=wds --config.data.shards='DIR/*.tar'
 trains on these exactly as on your own shards (data/wds.py). Each sample is `<key>.0.png` (the
 source), `<key>.1.png` ... (the turns) and `<key>.json` {"instructions": [{"en": ...}, ...]};
-the key is `<split>_<seed>`. Shards are written whole or not at all, so an interrupted export
-rerun with the same flags writes only the shards that are missing.
+the key is `<split>_<seed>`, a shard is named by its first seed. Shards are written whole or
+not at all, so an interrupted export rerun with the same flags writes only the shards that are
+missing, and another --first adds shards beside them.
 """
 import argparse
 import json
@@ -31,10 +32,21 @@ def export(out, *, sequences, turns, res, split="train", per_shard=1000, first=0
   if sequences < 1 or per_shard < 1:
     raise ValueError("--sequences and --per-shard must be >= 1")
   os.makedirs(out, exist_ok=True)
+  spec = {"turns": turns, "res": res, "per_shard": per_shard}
+  meta = os.path.join(out, f"{split}.export.json")  # shards of other turns/res are not reused
+  if os.path.exists(meta):
+    with open(meta) as f:
+      before = json.load(f)
+    if before != spec:
+      raise ValueError(f"{out} holds {split} shards exported with {before}, not {spec}; give "
+                       "another --out")
+  else:
+    with open(meta, "w") as f:
+      json.dump(spec, f)
   paths = []
   starts = range(first, first + sequences, per_shard)
-  for n, start in enumerate(tqdm(starts, desc="shards", unit="shard")):
-    path = os.path.join(out, f"{split}-{n:05d}.tar")
+  for start in tqdm(starts, desc="shards", unit="shard"):
+    path = os.path.join(out, f"{split}-{start:09d}.tar")  # named by its first seed
     if not os.path.exists(path):
       stop = min(start + per_shard, first + sequences)
       wds.write_shard(path, (sample(s, turns, res, split) for s in range(start, stop)))

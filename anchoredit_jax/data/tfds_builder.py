@@ -198,6 +198,9 @@ class Frozen:
 
 def convert(shards: str, out: str) -> tuple:
   """Build MultiTurnEdits from `shards` under `out`: (records written, Counter of skipped kinds)."""
+  if os.path.isdir(os.path.join(out, "multi_turn_edits")):
+    raise ValueError(f"{out} already holds converted shards; give a new --out (or delete "
+                     f"{os.path.join(out, 'multi_turn_edits')} to convert again)")
   builder = MultiTurnEdits(config=MultiTurnConfig(name="own", shards=shards), data_dir=out,
                            file_format="array_record")
   builder.download_and_prepare()

@@ -71,8 +71,8 @@ class Entry:
 
 def index_shard(path: str) -> tuple:
   """([Entry], corrupt?) from the tar headers of one shard; members of a sample must be adjacent,
-  as WebDataset writes them. A shard cut short keeps the samples before the damage (the one it
-  cuts into is dropped)."""
+  as WebDataset writes them. A shard cut short or damaged keeps the samples before the damage
+  (one cut inside its data is dropped; `parse` refuses one left without all its members)."""
   entries, key, members, corrupt = [], None, [], False
   try:
     end = os.path.getsize(path)
@@ -88,10 +88,14 @@ def index_shard(path: str) -> tuple:
           members = []
         key = k
         members.append((ext, m.offset_data, m.size))
-      if end - tf.offset < 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks: cut at a header
-        raise EOFError(f"{path} ends without the end-of-archive marker")
+      # tarfile also stops quietly at a damaged header, or at a cut between members: what follows
+      # the last member must be the end-of-archive zeros
+      with open(path, "rb") as f:
+        f.seek(tf.offset)
+        tail = f.read(2 ** 20)
+      corrupt = len(tail) < 2 * tarfile.BLOCKSIZE or any(tail)
   except (tarfile.TarError, OSError, EOFError):
-    corrupt, members = True, []  # the sample being read when the damage was met is dropped
+    corrupt, members = True, []
   if members:
     entries.append(Entry(path, key, tuple(members)))
   return entries, corrupt
@@ -161,7 +165,7 @@ def _text(entry, language):
   if not isinstance(entry, dict):
     return None
   order = (language,) + tuple(l for l in LANGUAGES if l != language)
-  return next((entry[l] for l in order if isinstance(entry.get(l), str)), None)
+  return next((entry[l] for l in order if isinstance(entry.get(l), str) and entry[l].strip()), None)
 
 
 def texts(raw: dict, language: str) -> list:

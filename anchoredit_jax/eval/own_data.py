@@ -17,6 +17,8 @@ from anchoredit_jax.eval import similarity, stats
 
 PIXEL = ("l1", "l2", "psnr")
 BY_MODEL = {"clip": ("clip_i", "clip_t", "clip_i_source"), "dino": ("dino", "dino_source")}
+# the drift plot's panels, in this order where computed: identity first, then the edit
+PLOTTED = ("dino_source", "clip_i_source", "clip_t", "l1", "psnr")
 # what each metric compares, for the tables
 MEANING = {"l1": "L1 to the ground-truth turn (MagicBrush; lower is closer)",
            "l2": "L2 to the ground-truth turn (lower is closer)",

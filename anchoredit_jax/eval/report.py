@@ -167,7 +167,8 @@ def drift_plot(results: dict, path: str):
   import matplotlib.pyplot as plt
   panels = ((("identity_psnr", 1, "dB", "identity PSNR (never-edited pixels vs source), 95% band"),
              ("success", 100, "%", "edit success, 95% band")) if masked(results) else
-            [(k, 1, "", own_data.MEANING[k]) for k in own_metrics(next(iter(results.values())))][:4])
+            [(k, 1, "", own_data.MEANING[k]) for k in own_data.PLOTTED
+             if k in next(iter(results.values()))["stats"]][:4])
   fig, ax = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
   ax = ax[0]
   for i, (name, r) in enumerate(results.items()):
