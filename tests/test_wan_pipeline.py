@@ -78,6 +78,20 @@ def test_stages_1_and_2_train_from_the_folder_with_frozen_encoders(wan_folder, t
          "--config.eval.pairs=0")
   assert load_params(tmp_path / "causal")[3] == 1
 
+  # your own shards of two shapes through the Wan VAE: aspect-ratio buckets of area <= 48^2
+  # (sides in steps of the model's 16-pixel stride), one step per bucket shape
+  wds.write_shard(str(tmp_path / "own.tar"), [
+      {"key": f"s{i}", "instructions": ["make it red", "move it up"],
+       "images": [np.full((h, w, 3), 40 * t + i, np.uint8) for t in range(3)]}
+      for i, (h, w) in enumerate([(30, 60), (60, 30), (30, 62), (62, 30)] * 2)])
+  out = _train(f"configs/wan/causal.py:smoke,dir={wan_folder}", tmp_path / "causal_own",
+               f"--config.init_from={tmp_path / 'pretrain'}", "--config.train.steps=2",
+               "--config.train.batch_size=4", "--config.eval.pairs=0", "--config.data.num_turns=2",
+               "--config.data.source=wds", f"--config.data.shards={tmp_path / 'own.tar'}",
+               "--config.data.bucket_base=48", "--config.data.bucket_step=16")
+  rows = [json.loads(l) for l in (tmp_path / "causal_own" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["data_shapes"] == 2 and np.isfinite(rows[-1]["loss"])  # 32x64 and 64x32
+
   # the multi-turn benchmark at 256 x 256 through the Wan VAE (32 x 32 latents, 256 tokens a
   # turn), the instructions tokenized by the folder's tokenizer
   results, seqs, traj, _ = mt.evaluate(["ii4"], [str(tmp_path)], sequences=2, turns=2, res=256,

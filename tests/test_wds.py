@@ -219,7 +219,8 @@ def test_shapesedit_exported_to_shards_reads_back_exactly(tmp_path):
   assert os.path.exists(paths[1]) and all(os.path.getmtime(p) == before[p] for p in (paths[0], paths[2]))
 
 
-def test_stages_1_and_2_train_on_shards(tmp_path):
+def test_stage_1_trains_on_shards_and_masked_switches_are_refused(tmp_path):
+  """(Stage 2 on shards, with buckets through the Wan VAE: tests/test_wan_pipeline.py.)"""
   export_wds.export(str(tmp_path / "wds"), sequences=24, turns=3, res=32, per_shard=12)
   shards = f"--config.data.shards={tmp_path / 'wds' / 'shards.json'}"
   p = train_cli(tmp_path / "s1", "--config.data.source=wds", shards, "--config.train.steps=4",
@@ -230,9 +231,6 @@ def test_stages_1_and_2_train_on_shards(tmp_path):
   train = [r for r in rows if r["kind"] == "train"]
   assert train and train[-1]["data_shapes"] == 1 and train[-1]["data_no_json"] == 0
   assert train[-1]["data_truncated"] == 0  # stage 1 takes all 3 turns of a sample as pairs
-  p = train_cli(tmp_path / "s2", "--config.data.source=wds", shards, "--config.train.steps=2",
-                f"--config.init_from={tmp_path / 's1'}", config="configs/causal.py:smoke")
-  assert p.returncode == 0, p.stderr[-2000:]
   p = train_cli(tmp_path / "s3", "--config.data.source=wds", shards, "--config.model.copy_gate=True",
                 f"--config.init_from={tmp_path / 's1'}", config="configs/causal.py:smoke")
   assert p.returncode == 2 and "needs exact edit masks" in p.stderr
