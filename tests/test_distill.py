@@ -5,6 +5,7 @@ import numpy as np
 
 from anchoredit_jax import flow
 from anchoredit_jax.stages import distill
+from anchoredit_jax.train import Trainer
 from configs import distill as distill_config
 from tests.helpers import one_device_mesh, random_model, tiny_model
 from tests.test_causal import _setup
@@ -101,3 +102,14 @@ def test_guided_velocity_equals_two_separate_passes():
   np.testing.assert_allclose(v_c, turn_velocity(model, mem, x, t, toks)[0], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(v_u, turn_velocity(model, mem, x, t, empty)[0], rtol=1e-4, atol=1e-5)
   assert not np.allclose(v_c, v_u)
+
+
+def test_teacher_and_ema_share_the_frozen_encoders():
+  """At Wan scale the teacher and the EMA copy only the DiT: umT5-XXL and the VAE are frozen and
+  shared with the student (three float32 copies of umT5 alone would be 65 GiB)."""
+  cfg = distill_config.get_config("wan1.3b")
+  state = Trainer(cfg).abstract_state
+  assert set(state["params"]) == {"dit", "text", "vae"}
+  assert set(state["aux"]["ema"]) == set(state["aux"]["teacher"]) == {"dit"}
+  dit = jax.tree.leaves(state["params"]["dit"])
+  assert [x.shape for x in jax.tree.leaves(state["aux"]["ema"])] == [x.shape for x in dit]

@@ -24,6 +24,7 @@ from flax import nnx
 
 from anchoredit_jax import flow
 from anchoredit_jax.editing import encode, generate_turn_fast, guided_velocity, turn_velocity, write_turn
+from anchoredit_jax.models.model import frozen_parts
 from anchoredit_jax.stages.causal import (rollout_context, rollout_inputs, run_turns, training_context,
                                           turn_target, turn_weighted)
 from anchoredit_jax.stages.pretrain import gate_loss, weighted_mse
@@ -31,16 +32,28 @@ from anchoredit_jax.stages.pretrain import gate_loss, weighted_mse
 ROLES = ("student", "ema", "teacher")
 
 
+def trainable(params, cfg) -> nnx.State:
+  """The parts of `params` that training changes: the teacher and the EMA keep a copy of these
+  only and share the student's frozen encoders (umT5-XXL and the Wan VAE are 22 GiB in float32;
+  three copies of them would not fit one H200 beside the DiT)."""
+  frozen = frozen_parts(cfg.model)
+  return nnx.State({k: v for k, v in params.items() if k not in frozen})
+
+
 def init_aux(params, cfg):
   """Extra training state: the frozen teacher and the EMA student both start as `params`."""
-  del cfg
-  return {"teacher": params, "ema": params}
+  return {"teacher": trainable(params, cfg), "ema": trainable(params, cfg)}
 
 
 def update_aux(aux, params, cfg):
   """EMA of the student after each optimizer step; the teacher never changes."""
   d = cfg.distill.ema_decay
-  return {**aux, "ema": optax.incremental_update(params, aux["ema"], 1.0 - d)}
+  return {**aux, "ema": optax.incremental_update(trainable(params, cfg), aux["ema"], 1.0 - d)}
+
+
+def _with_frozen(part, params):
+  """A role's own parameters completed by the student's frozen parts."""
+  return nnx.State({**params, **part})
 
 
 def schedule(cfg):
@@ -57,8 +70,9 @@ def consistency_x0(model, mem, x, t, text, with_gate=False):
 
 def rollout_losses(params, graphdef, batch, rng, cfg, aux, *, store=None, use_scan=True):
   """Per-turn consistency losses [K] over one self-rollout (see the module docstring)."""
-  models = {"student": nnx.merge(graphdef, params), "ema": nnx.merge(graphdef, aux["ema"]),
-            "teacher": nnx.merge(graphdef, aux["teacher"])}
+  models = {"student": nnx.merge(graphdef, params),
+            "ema": nnx.merge(graphdef, _with_frozen(aux["ema"], params)),
+            "teacher": nnx.merge(graphdef, _with_frozen(aux["teacher"], params))}
   c, d, gate = cfg.causal, cfg.distill, bool(cfg.model.get("copy_gate"))
   src, empty, mem0, xs = rollout_inputs(models["student"], cfg, batch)
   ae = models["student"].autoencoder
