@@ -91,7 +91,8 @@ def test_cli_refuses_workdir_of_another_config(tmp_path):
   other = train_cli(wd, "--config.model.dim=48", "--config.eval.pairs=0")
   assert other.returncode != 0
   err = other.stderr.strip().splitlines()
-  assert err and err[-1].startswith("error:") and "different model config" in err[-1]
+  assert err and err[-1].startswith("error:") and "holds a run made with model.dim=" in err[-1]
+  assert "resume it with --config.model.dim=" in err[-1]  # the field and the flag, by name
   # how the model computes may change on resume (the parameters are the same): remat, kernel, dtype
   same = train_cli(wd, "--config.train.steps=3", "--config.model.remat=dots", "--config.eval.pairs=0")
   assert same.returncode == 0 and "resuming" in same.stdout + same.stderr, same.stderr[-2000:]
