@@ -230,10 +230,9 @@ def own_data(cfg, seed=None):
   if d.bucket_step % stride:
     raise ValueError(f"data.bucket_step={d.bucket_step} must be a multiple of the model's pixel "
                      f"stride {stride} (autoencoder factor x patch)")
-  masked = [s for s, on in (("causal.rollout_target=composite", cfg.get("causal", {}).get("rollout_target") == "composite"),
-                            ("model.copy_gate", m.get("copy_gate"))) if on]
-  if masked:
-    raise ValueError(f"{', '.join(masked)} needs exact edit masks, which data.source=wds lacks")
+  if m.get("copy_gate") or cfg.get("causal", {}).get("rollout_target") == "composite":
+    raise ValueError("model.copy_gate or causal.rollout_target=composite needs exact edit masks, "
+                     f"which data.source={d.source} lacks")
   procs = jax.process_count()
   agree = batches.alone if procs == 1 else (
       lambda fill: np.asarray(multihost_utils.process_allgather(fill)))

@@ -141,11 +141,9 @@ class BucketBatches(grain.DatasetIterator):
     return (T - 1) * len(self.buckets) + self.buckets.index((h, w))
 
   def _fill(self) -> np.ndarray:
-    K = len(self.buckets) * (self.max_turns or 1)
+    K = len(self.buckets) * self.max_turns  # only asked when max_turns bounds the slots
     fill = np.zeros(K + 1, np.int64)  # the last entry: this process has run out
     for key, samples in self.pending.items():
-      if self.max_turns is None:  # one process: any bucket, by its own order
-        continue
       fill[self._slot(key)] = len(samples)
     fill[K] = self.done
     return fill

@@ -261,7 +261,7 @@ def describe(m, seed=0) -> dict:
   share of stats.summarize_turns ("stats") of one system in one context (own data: the means and
   bootstrap intervals of its metrics)."""
   if "success" not in m:
-    return own_data.describe(m, seed)
+    return {"per_turn": summarize(m), "stats": own_data.turn_stats(m, seed)}
   return {"per_turn": summarize(m), "stats": stats.summarize_turns(
       m["success"], m["identity_psnr"], m["preserved_psnr"], seed=seed)}
 

@@ -71,8 +71,7 @@ def score_turn(pred, target, source, instructions, scorer=None) -> dict:
   return m
 
 
-def describe(m, seed=0) -> dict:
-  """Means per turn ("per_turn") and {name: {"value", "ci"}} with bootstrap intervals ("stats")."""
+def turn_stats(m, seed=0) -> dict:
+  """{name: {"value", "ci"}} per turn with bootstrap intervals, and the number of sequences."""
   N = len(next(iter(m.values())))
-  return {"per_turn": {k: [float(x) for x in np.nanmean(v, axis=0)] for k, v in m.items()},
-          "stats": {"sequences": int(N), **{k: stats.mean_turns(v, seed=seed) for k, v in m.items()}}}
+  return {"sequences": int(N), **{k: stats.mean_turns(v, seed=seed) for k, v in m.items()}}

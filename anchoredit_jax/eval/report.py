@@ -125,6 +125,12 @@ def masked(results: dict) -> bool:
   return "success" in next(iter(results.values()))["stats"]
 
 
+def num(entry: dict, t: int, unit: str = "") -> str:
+  """A mean at turn t with its interval, three decimals: '0.042 [0.038,0.047]'."""
+  v, (lo, hi) = entry["value"][t - 1], entry["ci"][t - 1]
+  return f"{v:.3f}{unit} [{lo:.3f},{hi:.3f}]"
+
+
 def own_metrics(r: dict) -> list:
   return [k for k in own_data.MEANING if k in r["stats"]]
 
@@ -133,9 +139,8 @@ def own_sentence(name: str, r: dict) -> str:
   """The headline of a run on your own data: its identity (or, without CLIP/DINO, its L1) and
   its instruction following (CLIP-T), first turn to last, with intervals."""
   s, T = r["stats"], len(r["stats"]["l1"]["value"])
-  num = lambda e, t: f"{e['value'][t - 1]:.3f} [{e['ci'][t - 1][0]:.3f},{e['ci'][t - 1][1]:.3f}]"
   keys = [k for k in ("dino_source", "clip_i_source", "clip_t") if k in s] or ["l1"]
-  parts = [f"{own_data.MEANING[k]} {_change(s[k], 1, T, '', lambda e, t, u: num(e, t))}" for k in keys]
+  parts = [f"{own_data.MEANING[k]} {_change(s[k], 1, T, '', num)}" for k in keys]
   return (f"System {name} ({r['label']}, {CONTEXT_WORDS[r['context']]}, {s['sequences']} sequences "
           f"of your data): " + "; ".join(parts) + ". Brackets: 95% bootstrap intervals.")
 
@@ -144,18 +149,16 @@ def own_table(results: dict, T: int) -> str:
   """One table per metric (rows: systems; columns: the report turns), 95% bootstrap intervals;
   an oracle run's rows beside; then the cost."""
   turns = report_turns(T)
-  num = lambda key, oracle=False: lambda r, t: (
-      lambda e: f"{e['value'][t - 1]:.3f} [{e['ci'][t - 1][0]:.3f},{e['ci'][t - 1][1]:.3f}]")(
-          (r["oracle"] if oracle else r)["stats"][key])
+  cell = lambda key, oracle=False: lambda r, t: num((r["oracle"] if oracle else r)["stats"][key], t)
   ctx = next(iter(results.values()))["context"]
   lines = [f"Context: {CONTEXT_WORDS[ctx]}. Brackets: 95% intervals (bootstrap over sequences, "
            "2000 resamples).", ""]
   for key in own_metrics(next(iter(results.values()))):
-    lines += _section(own_data.MEANING[key], results, turns, num(key))
+    lines += _section(own_data.MEANING[key], results, turns, cell(key))
     oracle = {n: r for n, r in results.items() if "oracle" in r}
     if oracle:
       lines += _section(f"{own_data.MEANING[key]}, ground-truth turns as context", oracle, turns,
-                        num(key, oracle=True))
+                        cell(key, oracle=True))
   return "\n".join(lines + cost(results))
 
 
