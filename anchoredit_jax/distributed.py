@@ -10,8 +10,10 @@ A dead peer must not leave the others hanging in a collective: the coordination 
 heartbeat timeout bounds how long the survivors wait before they stop with an error.
 """
 import os
+import time
 
 import jax
+from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 
 
@@ -61,3 +63,26 @@ def barrier(name: str):
   """Wait until every process gets here (nothing to wait for with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def leave_together(timeout_s: float = 60.0):
+  """Call before exiting on an error that every process may meet (a bad config, a NaN streak).
+
+  When process 0 exits, the coordination service it hosts goes with it, and JAX aborts the
+  other processes with a fatal log line, possibly before they print their own error. So each
+  process marks that it is leaving (in the service's key-value store) and process 0 waits, at
+  most `timeout_s`, until all others have, then leaves itself. An error met by process 0 alone
+  costs at most that wait. (The store is reached through jax._src: jax has no public handle.)"""
+  client = jax_distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return
+  client.key_value_set(f"anchoredit/leaving/{jax.process_index()}", "1")
+  if jax.process_index() != 0:
+    return
+  deadline = time.monotonic() + timeout_s
+  for i in range(1, jax.process_count()):
+    left_ms = int((deadline - time.monotonic()) * 1000)
+    try:
+      client.blocking_key_value_get(f"anchoredit/leaving/{i}", max(left_ms, 1))
+    except Exception:  # timed out, or the service is already failing: leave now
+      return

@@ -16,12 +16,15 @@ def message(e, limit: int = 400) -> str:
   return short(e.args[0] if e.args else e, limit)
 
 
-def fail(message: str, code: int = 2):
+def fail(message: str, code: int = 2, before_exit=None):
   """Print `error: message` and exit now with `code`. os._exit, not sys.exit: after a failed
   orbax save or restore its background threads would print tracebacks at interpreter shutdown,
-  burying the one line. Streams are flushed first; files a command writes are closed by then."""
+  burying the one line. Streams are flushed first; files a command writes are closed by then.
+  `before_exit`, if given, is called after the line is printed (e.g. to wait for peers)."""
   sys.stdout.flush()
   print(f"error: {message}", file=sys.stderr, flush=True)
+  if before_exit is not None:
+    before_exit()
   os._exit(code)
 
 

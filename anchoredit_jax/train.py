@@ -618,6 +618,9 @@ def main():
   heartbeat = flags.DEFINE_integer("heartbeat_timeout", 60, "Seconds after which the other "
                                    "processes give up on a silent (dead) one.")
 
+  def fail(message):  # an error every process may meet: the others get to say it too
+    errors.fail(message, before_exit=distributed.leave_together)
+
   def run(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -633,14 +636,14 @@ def main():
     except jax.errors.JaxRuntimeError as e:  # e.g. a peer process died or never came up
       errors.fail(f"(process {jax.process_index()}) {errors.short(e, 300)}", code=3)
     except OSError as e:  # FileNotFoundError included: ours name the file and what to do
-      errors.fail(errors.short(e, 300) if not e.strerror else
-                  f"{e.strerror}: {e.filename or ''}; choose a --workdir that can be written to")
+      fail(errors.short(e, 300) if not e.strerror else
+           f"{e.strerror}: {e.filename or ''}; choose a --workdir that can be written to")
     except (ValueError, NotImplementedError) as e:
       if "No space left on device" in str(e):  # orbax/tensorstore's wording of ENOSPC
-        errors.fail(f"no space left on the device of {workdir.value or cfg.workdir} while saving a "
-                    "checkpoint; free space and rerun the same command (it resumes from the last "
-                    "complete checkpoint)")
-      errors.fail(errors.message(e))
+        fail(f"no space left on the device of {workdir.value or cfg.workdir} while saving a "
+             "checkpoint; free space and rerun the same command (it resumes from the last "
+             "complete checkpoint)")
+      fail(errors.message(e))
     if jax.process_index() == 0:
       print(json.dumps(summary))
 
