@@ -1,9 +1,15 @@
 """Tests run on 8 fake CPU devices so sharding is exercised; single-device tests pick one."""
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this pytest run, empty at its start and shared with the
+# commands the tests start: many tests train or edit the same smoke models, and compiling them
+# again is most of their time. Programs are the same either way, so are the results.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="anchoredit_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
