@@ -122,7 +122,7 @@ def run(args):
   cfg = load_config(args.checkpoint)
   if cfg.get("stage") not in EDIT_STAGES:
     raise ValueError(f"{args.checkpoint} is a {cfg.get('stage')} run; edit needs a causal (stage 2) "
-                     "or distill (stage 3) run")
+                     "or a distill or dmd (stage 3) run")
   for i, text in enumerate(args.instruction, 1):
     if not text.strip():
       raise ValueError(f"instruction {i} is empty; say what to change, e.g. 'make the red circle blue'")

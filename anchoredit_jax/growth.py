@@ -11,41 +11,71 @@ from anchoredit_jax.distributed import say
 from anchoredit_jax.models.dit import input_channels, output_channels, pad_head, pad_patch_kernel
 from anchoredit_jax.models.model import latent_channels
 
-PREVIOUS_STAGE = {"causal": "pretrain", "distill": "causal"}
+PREVIOUS_STAGE = {"causal": "pretrain", "distill": "causal", "dmd": "distill"}
+# other stages a stage may start from: DMD's generator from stage 2 itself, or from a DMD run
+# (its regression warm-up, dmd.objective=regression)
+ALSO_FROM = {"dmd": ("causal", "dmd")}
+# stages whose frozen teacher comes from a run of its own: DMD's real score (dmd.real_from)
+TEACHER_FROM = {"dmd": ("dmd.real_from", "causal")}
+
+
+def _check_source(src, prev, preset, field):
+  if not src or wan.is_wan_pipeline(src) or has_model(src):
+    return
+  ref = f"checkpoints/{preset}/{prev}"
+  shipped = f"--config.{field}={ref} (the shipped reference) or " if has_model(ref) else ""
+  raise FileNotFoundError(
+      f"{field}={src} has no checkpoint; start from {shipped}make it first with: python -m "
+      f"anchoredit_jax.train --config=configs/{prev}.py:{preset} --workdir={src}")
 
 
 def check_init(cfg):
-  """Raise FileNotFoundError, naming both ways out, if cfg.init_from holds no model to start from."""
-  src, prev = cfg.get("init_from"), PREVIOUS_STAGE.get(cfg.stage, "pretrain")
-  if not src or wan.is_wan_pipeline(src) or has_model(src):
-    return
-  ref = f"checkpoints/{cfg.preset}/{prev}"
-  shipped = f"--config.init_from={ref} (the shipped reference) or " if has_model(ref) else ""
-  raise FileNotFoundError(
-      f"init_from={src} has no checkpoint; start from {shipped}make it first with: python -m "
-      f"anchoredit_jax.train --config=configs/{prev}.py:{cfg.preset} --workdir={src}")
+  """Raise FileNotFoundError, naming both ways out, if cfg.init_from (or a teacher's source)
+  holds no model to start from."""
+  _check_source(cfg.get("init_from"), PREVIOUS_STAGE.get(cfg.stage, "pretrain"), cfg.preset, "init_from")
+  if cfg.stage in TEACHER_FROM:
+    field, prev = TEACHER_FROM[cfg.stage]
+    _check_source(_get(cfg, field), prev, cfg.preset, field)
 
 
-def load_init(cfg, mesh=None, rules=None):
-  """Parameters of the earlier stage's run named by cfg.init_from, checked against this model,
-  or of a Wan2.1 diffusers folder (stage 1 from the video prior)."""
-  src, prev = cfg.init_from, PREVIOUS_STAGE.get(cfg.stage, "pretrain")
+def _get(cfg, dotted):
+  for k in dotted.split("."):
+    cfg = cfg[k]
+  return cfg
+
+
+def load_teacher(cfg, mesh=None, rules=None):
+  """A stage's frozen teacher from its own run (DMD's real score), or None: the teacher is then
+  the run named by init_from (distill)."""
+  if cfg.stage not in TEACHER_FROM:
+    return None
+  field, prev = TEACHER_FROM[cfg.stage]
+  return load_init(cfg, mesh, rules, src=_get(cfg, field), stages=(prev,), field=field)
+
+
+def load_init(cfg, mesh=None, rules=None, *, src=None, stages=None, field="init_from"):
+  """Parameters of the earlier stage's run named by cfg.init_from (or `src`, a run of one of
+  `stages`), checked against this model, or of a Wan2.1 diffusers folder (stage 1 from the
+  video prior)."""
+  prev = PREVIOUS_STAGE.get(cfg.stage, "pretrain")
+  src = cfg.init_from if src is None else src
+  stages = stages or (prev, *ALSO_FROM.get(cfg.stage, ()))
   if wan.is_wan_pipeline(src):
     say(f"initialised from the Wan2.1 weights in {src}")
     return wan.load_wan_pipeline(src, cfg.model, mesh=mesh, rules=rules)
-  check_init(cfg)
+  _check_source(src, stages[0], cfg.preset, field)
   src_cfg, _, params, step = load_params(src, mesh=mesh)
-  if src_cfg.get("stage") != prev:
-    raise ValueError(f"init_from={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} starts "
-                     f"from a {prev} run")
+  if src_cfg.get("stage") not in stages:
+    raise ValueError(f"{field}={src} is a {src_cfg.get('stage')} run; stage {cfg.stage} takes it "
+                     f"from a {' or '.join(stages)} run")
   src_model, our_model = parameter_fields(src_cfg.model), parameter_fields(cfg.model)
   grown = [k for k, off in GROWABLE.items() if src_model[k] == off != our_model[k]]
   free = grown + [d for k in grown for d in GROWN_WITH.get(k, ())] + list(RETUNABLE)
   if {**our_model, **{k: src_model[k] for k in free}} != src_model:
-    raise ValueError(f"init_from={src} was trained with another model config than this stage's")
+    raise ValueError(f"{field}={src} was trained with another model config than this stage's")
   for k in grown:
     params = GROWABLE_BY[k](params, cfg.model)
-  say(f"initialised from {src} step {step}")
+  say(f"{'initialised' if field == 'init_from' else field} from {src} step {step}")
   return params
 
 

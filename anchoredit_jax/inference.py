@@ -32,7 +32,8 @@ from anchoredit_jax.editing import (concat_text, empty_tokens, encode, generate_
 from anchoredit_jax.models.model import init_memory, prev_cond
 from anchoredit_jax.stages.pretrain import velocity
 
-EDIT_STAGES = ("causal", "distill")
+EDIT_STAGES = ("causal", "distill", "dmd")
+STUDENT_STAGES = ("distill", "dmd")  # few-step students: consistency distillation, DMD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +49,14 @@ class Sampler:
 
 def default_sampler(cfg, teacher_steps: int = 50) -> Sampler:
   """The distilled student for stage-3 runs, the N-step CFG teacher for stage-2 runs."""
-  if cfg.stage == "distill":
-    return Sampler("student", cfg.distill.student_steps, 1.0, cfg.flow.shift)
+  if cfg.stage in STUDENT_STAGES:
+    return Sampler("student", student_steps(cfg), 1.0, cfg.flow.shift)
   return Sampler("teacher", teacher_steps, cfg.eval.guidance, cfg.flow.shift)
+
+
+def student_steps(cfg, default: int = 4) -> int:
+  """The few-step sampler's steps of a stage-3 config (distill or dmd), else `default`."""
+  return cfg[cfg.stage].student_steps if cfg.get("stage") in STUDENT_STAGES else default
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "guidance", "shift"))
@@ -183,7 +189,7 @@ class EditSession:
                        f"({type(e).__name__}: {short(e, 120)})") from e
     if cfg.get("stage") not in EDIT_STAGES:
       raise ValueError(f"{workdir} is a {cfg.get('stage')} run; editing sessions need a causal "
-                       f"(stage 2) or distill (stage 3) run")
+                       f"(stage 2), distill or dmd (stage 3) run")
     return cls(cfg, graphdef, params, source, **kw)
 
   @property

@@ -34,27 +34,16 @@ from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.distributed import say
 from anchoredit_jax.eval import evaluators
 from anchoredit_jax.models.model import abstract_split, build, frozen_parts
-from anchoredit_jax.stages import causal, distill, pretrain
+from anchoredit_jax.optim import make_optimizer
+from anchoredit_jax.stages import causal, distill, dmd, pretrain
 
 # A stage module gives loss_fn(params, graphdef, batch, rng, cfg[, aux], *, store) -> (loss,
-# metrics); one with extra state (distill: frozen teacher, EMA) adds init_aux and update_aux.
+# metrics); one with extra state (distill: frozen teacher, EMA) adds init_aux(params, cfg,
+# teacher) and update_aux. A stage with two players (dmd: generator and critic) gives its whole
+# update instead: update(state, batch, rng, cfg, graphdef, tx, *, store) -> (new parts of the
+# state, metrics), and optimizer_steps(cfg), the number of updates its generator gets.
 # What the loop evaluates is chosen by the config (eval/evaluators.py).
-STAGES = {"pretrain": pretrain, "causal": causal, "distill": distill}
-
-
-def make_optimizer(ocfg, total_steps, frozen=()):
-  """AdamW with warmup + cosine decay and global-norm clipping; the top-level parts named in
-  `frozen` (e.g. a pretrained umT5) get no update and no optimizer state."""
-  sched = optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, ocfg.warmup_steps,
-                                             max(total_steps, ocfg.warmup_steps + 1), ocfg.end_lr)
-  tx = optax.chain(optax.clip_by_global_norm(ocfg.clip),
-                   optax.adamw(sched, ocfg.b1, ocfg.b2, weight_decay=ocfg.weight_decay))
-  if not frozen:
-    return tx
-  part = lambda path: jax.tree_util.keystr(path[:1], simple=True, separator="/")
-  labels = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: "frozen" if part(path) in frozen else "train", params)
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+STAGES = {"pretrain": pretrain, "causal": causal, "distill": distill, "dmd": dmd}
 
 
 def _path_key(path):
@@ -101,7 +90,8 @@ class Trainer:
     self.cfg, self.stage = cfg, STAGES[cfg.stage]
     self.mesh = mesh or sh.make_mesh(dict(cfg.mesh))
     self.rules = sh.config_rules(cfg)
-    self.tx = make_optimizer(cfg.optim, cfg.train.steps, frozen_parts(cfg.model))
+    updates = getattr(self.stage, "optimizer_steps", lambda c: c.train.steps)(cfg)
+    self.tx = make_optimizer(cfg.optim, updates, frozen_parts(cfg.model))
     self.graphdef, abs_params = abstract_split(cfg.model)
     param_sh = sh.param_shardings(abs_params, self.mesh, self.rules)
 
@@ -130,15 +120,28 @@ class Trainer:
     text_store.check_frozen(self.cfg.model)
     return text_store.load(path, self.cfg.model)
 
-  def _fresh(self, params):
-    """{params, opt_state, step, nonfinite[, aux]}: a new state around `params`. nonfinite
-    counts the steps whose update was skipped: {total, streak (consecutive, up to now)}."""
+  def _fresh(self, params, teacher=None):
+    """{params, opt_state, step, nonfinite[, aux]}: a new state around `params` (and, for a stage
+    with a frozen teacher, `teacher`'s parameters; default: `params`). nonfinite counts the steps
+    whose update was skipped: {total, streak (consecutive, up to now)}."""
     zero = jnp.zeros((), jnp.int32)
     state = {"params": params, "opt_state": self.tx.init(params), "step": zero,
              "nonfinite": {"total": zero, "streak": zero}}
     if hasattr(self.stage, "init_aux"):
-      state["aux"] = self.stage.init_aux(params, self.cfg)
+      state["aux"] = self.stage.init_aux(params, self.cfg, params if teacher is None else teacher)
     return state
+
+  def _update(self, state, batch, rng, store):
+    """One gradient step of stage.loss_fn -> (params, opt_state[, aux]), metrics."""
+    aux = (state["aux"],) if "aux" in state else ()
+    grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux, store=store)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+    if aux:
+      new["aux"] = self.stage.update_aux(state["aux"], new["params"], self.cfg)
+    return new, metrics
 
   def init_state(self, rng):
     with sh.use_mesh(self.mesh, self.rules):
@@ -148,15 +151,11 @@ class Trainer:
     batch = dict(batch)
     halt = batch.pop("halt", None)  # each process's reason to stop after this step (see step)
     rng = jax.random.fold_in(key, state["step"])
-    aux = (state["aux"],) if "aux" in state else ()
-    grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
     # store: the stored text embeddings, or None (the text encoder runs as usual)
-    (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux, store=store)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
-    if aux:
-      new["aux"] = self.stage.update_aux(state["aux"], new["params"], self.cfg)
+    if hasattr(self.stage, "update"):
+      new, metrics = self.stage.update(state, batch, rng, self.cfg, self.graphdef, self.tx, store=store)
+    else:
+      new, metrics = self._update(state, batch, rng, store)
     # A NaN/Inf loss or gradient skips the update (parameters, optimizer, EMA stay as they were)
     # and is counted; the loop stops the run after train.max_nonfinite such steps in a row.
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -176,18 +175,20 @@ class Trainer:
                        f"{shards} data x fsdp devices of the mesh; change one of them "
                        f"(--config.train.batch_size or --config.mesh.*)")
 
-  def with_params(self, params):
-    """The state with `params` (e.g. from an earlier stage) and a fresh optimizer state. The
-    params may live anywhere (host arrays of a reference checkpoint, one device, another mesh):
-    they are placed onto this trainer's mesh."""
+  def with_params(self, params, teacher=None):
+    """The state with `params` (e.g. from an earlier stage) and a fresh optimizer state; a stage
+    with a frozen teacher takes it from `teacher` (default: `params`). Parameters may live
+    anywhere (host arrays of a reference checkpoint, one device, another mesh): they are placed
+    onto this trainer's mesh."""
     def place(x, sharding):
       if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return jax.device_put(x, sharding)
       host = np.asarray(x)  # the same full value on every process: each takes its own shards
       return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    params = jax.tree.map(place, params, self.state_sh["params"])
+    on_mesh = lambda p: jax.tree.map(place, p, self.state_sh["params"])
+    params, teacher = on_mesh(params), None if teacher is None else on_mesh(teacher)
     with sh.use_mesh(self.mesh, self.rules):
-      return jax.jit(self._fresh, out_shardings=self.state_sh)(params)
+      return jax.jit(self._fresh, out_shardings=self.state_sh)(params, teacher)
 
   def put_batch(self, batch):
     return {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(v))
@@ -488,7 +489,8 @@ def train(cfg, workdir):
     raise
   if found is None:
     if cfg.get("init_from"):
-      state = trainer.with_params(growth.load_init(cfg, trainer.mesh, trainer.rules))
+      state = trainer.with_params(growth.load_init(cfg, trainer.mesh, trainer.rules),
+                                  growth.load_teacher(cfg, trainer.mesh, trainer.rules))
     else:
       state = trainer.init_state(jax.random.fold_in(key, 0))
     start = 0

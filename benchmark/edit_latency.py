@@ -26,7 +26,7 @@ from anchoredit_jax import inference
 from anchoredit_jax.checkpoint import load_params
 from anchoredit_jax.editing import encode, guided_velocity, turn_velocity
 from anchoredit_jax.data.tokenize import tokenize
-from anchoredit_jax.inference import EditSession, Sampler, tree_bytes
+from anchoredit_jax.inference import EditSession, Sampler, student_steps, tree_bytes
 from anchoredit_jax.models.model import build
 from configs import distill
 
@@ -101,7 +101,7 @@ def main(argv=None):
   print(f"weights: {weights}")
   res = cfg.data.res
   src = np.asarray(jax.random.randint(jax.random.key(1), (res, res, 3), 0, 256), np.uint8)
-  student = Sampler("student", cfg.distill.student_steps if "distill" in cfg else 4, 1.0, cfg.flow.shift)
+  student = Sampler("student", student_steps(cfg), 1.0, cfg.flow.shift)
   teacher = Sampler("teacher", args.teacher_steps, cfg.eval.guidance, cfg.flow.shift)
   make = lambda sampler: lambda: EditSession(cfg, graphdef, params, src, sampler=sampler)
   tokenize(INSTRUCTIONS[0], cfg.model.text_len)

@@ -51,6 +51,31 @@ def runs(tmp_path_factory):
   return d
 
 
+def test_dmd_follows_the_chain_and_resumes_to_the_same_parameters(runs, image, tmp_path):
+  """Stage 3b from the distill run (generator) and the causal run (real score, critic); two
+  steps, then two more after a resume, equal four in one run; the result edits like stage 3."""
+  from benchmark.faults import final_params
+  dmd = ["anchoredit_jax.train", "--config=configs/dmd.py:smoke", f"--config.init_from={runs / 's3'}",
+         f"--config.dmd.real_from={runs / 's2'}", "--config.eval.pairs=0"]
+  wrong = run(*dmd, f"--workdir={tmp_path / 'x'}", f"--config.dmd.real_from={tmp_path / 'none'}")
+  assert wrong.returncode == 2 and "dmd.real_from=" in last_line(wrong), wrong.stderr[-2000:]
+  assert "configs/causal.py:smoke" in last_line(wrong) and not (tmp_path / "x").exists()
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  p = run(*dmd, f"--workdir={whole}")
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert f"initialised from {runs / 's3'}" in p.stdout and f"dmd.real_from from {runs / 's2'}" in p.stdout
+  first = run(*dmd, f"--workdir={split}", "--config.train.steps=2")
+  more = run(*dmd, f"--workdir={split}")
+  assert first.returncode == 0 and more.returncode == 0, (first.stderr + more.stderr)[-2000:]
+  assert "resuming" in more.stdout and '"step": 4' in more.stdout
+  a, b = final_params(str(whole)), final_params(str(split))
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  out = tmp_path / "edit"
+  e = run("anchoredit_jax.edit", f"--checkpoint={whole}", f"--image={image}",
+          "--instruction=make the red circle blue", f"--out={out}")
+  assert e.returncode == 0 and (out / "turn_01.png").exists(), e.stderr[-2000:]
+
+
 @pytest.fixture
 def image(tmp_path):
   path = tmp_path / "in.png"

@@ -50,7 +50,7 @@ def _distill_setup():
 
 def test_distill_scan_equals_python_loop_and_uses_all_three_models():
   cfg, graphdef, params, batch = _distill_setup()
-  aux = distill.init_aux(params, cfg)
+  aux = distill.init_aux(params, cfg, params)
   f = jax.jit(lambda p, a, s: distill.rollout_losses(p, graphdef, batch, jax.random.key(3), cfg, a,
                                                       use_scan=s), static_argnums=2)
   scan, loop = f(params, aux, True), f(params, aux, False)

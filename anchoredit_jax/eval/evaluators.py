@@ -79,7 +79,7 @@ def multi_turn(params, graphdef, cfg, seqs, rng):
 
 
 EVALUATORS = {"single_turn": single_turn, "multi_turn": multi_turn}
-BY_STAGE = {"pretrain": "single_turn", "causal": "multi_turn", "distill": "multi_turn"}
+BY_STAGE = {"pretrain": "single_turn", "causal": "multi_turn", "distill": "multi_turn", "dmd": "multi_turn"}
 
 
 def for_config(cfg):

@@ -166,7 +166,7 @@ class _Bidir:
     key = (hist.shape, str(rng.dtype))
     if key not in self.compiled:
       self.compiled[key] = inference.bidirectional_turn.lower(
-          *self.args, hist, htok, jnp.asarray(tokens), rng, steps=self.cfg.distill.student_steps,
+          *self.args, hist, htok, jnp.asarray(tokens), rng, steps=inference.student_steps(self.cfg),
           shift=self.cfg.flow.shift).compile()
     return self.compiled[key]
 

@@ -40,9 +40,10 @@ def trainable(params, cfg) -> nnx.State:
   return nnx.State({k: v for k, v in params.items() if k not in frozen})
 
 
-def init_aux(params, cfg):
-  """Extra training state: the frozen teacher and the EMA student both start as `params`."""
-  return {"teacher": trainable(params, cfg), "ema": trainable(params, cfg)}
+def init_aux(params, cfg, teacher):
+  """Extra training state: the frozen teacher and the EMA student (both start as the stage-2
+  run the student starts from: `teacher` is `params`)."""
+  return {"teacher": trainable(teacher, cfg), "ema": trainable(params, cfg)}
 
 
 def update_aux(aux, params, cfg):
