@@ -161,7 +161,8 @@ def model_flops(cfg) -> float:
   b = cfg.train.batch_size
   return {"pretrain": lambda: flops.pretrain_step(cfg.model, b, cfg.data.res),
           "causal": lambda: flops.causal_step(cfg, b),
-          "distill": lambda: flops.distill_step(cfg, b)}[cfg.stage]()
+          "distill": lambda: flops.distill_step(cfg, b),
+          "dmd": lambda: flops.dmd_step(cfg, b)}[cfg.stage]()  # dmd: the mean step
 
 
 @contextlib.contextmanager

@@ -87,3 +87,28 @@ def distill_step(cfg, batch: int) -> float:
   gen = cfg.distill.student_steps if c.self_rollout else 0
   text = text_forward(cfg.model, 3 + 3 * K + _text_backward(cfg.model, K))
   return float(batch * (f * (3 + K * (gen + 2 + 1 + 3 + 3)) + text))
+
+
+def dmd_step(cfg, batch: int, generator: bool | None = None) -> float:
+  """Stage-3b step, in expectation over the target turn k (uniform over the K edits) and the
+  sampler step s reached by backward simulation (uniform over the S steps): source writes, the
+  generator's rollout of the k-1 turns before k (S passes and a write into each network's memory
+  per turn), s passes of backward simulation, the generator's step (with its backward on
+  generator steps), the critic's forward + backward and, on generator steps, the real score's
+  guided pass (2) and the critic's read (1). `generator` None: the mean over a run, one step in
+  dmd.generator_every moving the generator (regression: every step, the generator alone)."""
+  c, d, K = cfg.causal, cfg.dmd, cfg.data.num_turns
+  S = d.student_steps
+  f = turn_forward(cfg.model, cfg.data.res, K + 1 if c.full_cache else c.window)
+  if d.objective == "regression":
+    units = 1 + (K - 1) / 2 * (S + 1) + 3
+    text = text_forward(cfg.model, 1 + (K + 1) / 2 + _text_backward(cfg.model, 1))
+    return float(batch * (f * units + text))
+  if generator is None:
+    r = d.generator_every
+    return (dmd_step(cfg, batch, True) + (r - 1) * dmd_step(cfg, batch, False)) / r
+  history = 3 + (K - 1) / 2 * (S + 3) + (S - 1) / 2
+  units = history + (3 + 3 + 3 if generator else 1 + 3)
+  text = text_forward(cfg.model, 3 * (1 + (K + 1) / 2) + (1 if generator else 0)
+                      + _text_backward(cfg.model, 2 if generator else 1))
+  return float(batch * (f * units + text))

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from anchoredit_jax import cli
-from anchoredit_jax import flops, sharding as sh
+from anchoredit_jax import aot, flops, sharding as sh
 from anchoredit_jax.data.tokenize import tokenize
 from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn, tree_bytes
 from anchoredit_jax.models.model import build
@@ -142,9 +142,7 @@ def train_step(stage, preset, peak, reps, dtype=None, attention="", profile=""):
          "flops_xla": xla,
          "memory_bytes": None if mem is None else int(mem.temp_size_in_bytes + mem.argument_size_in_bytes)}
   b = cfg.train.batch_size
-  row["flops_model"] = {"pretrain": lambda: flops.pretrain_step(cfg.model, b, cfg.data.res),
-                        "causal": lambda: flops.causal_step(cfg, b),
-                        "distill": lambda: flops.distill_step(cfg, b)}[stage]()
+  row["flops_model"] = aot.model_flops(cfg)
   row["mfu"] = row["flops_model"] / t / peak
   if stage == "pretrain":
     f, s = projection_ceiling(cfg, b, reps)

@@ -1,5 +1,6 @@
 """Tests run on 8 fake CPU devices so sharding is exercised; single-device tests pick one."""
 import os
+import shutil
 import sys
 import tempfile
 
@@ -8,9 +9,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for this pytest run, empty at its start and shared with the
 # commands the tests start: many tests train or edit the same smoke models, and compiling them
 # again is most of their time. Programs are the same either way, so are the results.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="anchoredit_jax_cache_"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="anchoredit_jax_cache_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_unconfigure(config):
+  if "_CACHE" in globals():
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
