@@ -107,11 +107,11 @@ def _batch(cfg):
   return {k: np.stack([r[k] for r in rows]) for k in ("images", "tokens", "edit_masks", "identity_masks")}
 
 
-def _steps(cfg, mesh, params, teacher, n=3):
+def _steps(cfg, mesh, params, teacher, n=4):
   tr = Trainer(cfg, mesh)
   state = tr.with_params(params, teacher)
   batch, out = _batch(cfg), []
-  for _ in range(n):  # steps 0 and 2 move both players, step 1 (generator_every=2) the critic only
+  for _ in range(n):  # steps 1 and 3 move both players, 0 and 2 (generator_every=2) the critic only
     state, metrics = tr.step(state, batch, jax.random.key(1))
     out.append(jax.device_get(metrics))
   return tr, state, out
@@ -131,8 +131,8 @@ def test_one_step_on_a_2x2x2_mesh_equals_one_device_and_the_players_take_turns()
     pick = lambda s: jax.tree.leaves(s[part[0]] if len(part) == 1 else s[part[0]][part[1]])
     for a, b in zip(pick(one), pick(eight)):
       assert rel_err(b, a) <= 1e-4, part
-  assert [float(m["generator_step"]) for m in m1] == [1.0, 0.0, 1.0]
-  assert float(m1[0]["generator_loss"]) > 0 and float(m1[1]["generator_loss"]) == 0
+  assert [float(m["generator_step"]) for m in m1] == [0.0, 1.0, 0.0, 1.0]
+  assert float(m1[1]["generator_loss"]) > 0 and float(m1[0]["generator_loss"]) == 0
   # (the first update of each has learning rate 0: the warm-up starts there)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(params)))
   # the real score never moves; the critic does, on both steps; the generator on the first only
@@ -140,7 +140,7 @@ def test_one_step_on_a_2x2x2_mesh_equals_one_device_and_the_players_take_turns()
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(one["aux"]["critic"]), jax.tree.leaves(one["aux"]["real"])))
-  assert int(one["opt_state"][1][0].count) == 2 and int(one["aux"]["critic_opt"][1][0].count) == 3
+  assert int(one["opt_state"][1][0].count) == 2 and int(one["aux"]["critic_opt"][1][0].count) == 4
   fc1 = s8["aux"]["critic"]["dit"]["blocks"]["ffn"]["fc1"]["kernel"]  # the critic is sharded too
   assert fc1.sharding.shard_shape(fc1.shape)[1:] == (fc1.shape[1] // 2, fc1.shape[2] // 2)
 

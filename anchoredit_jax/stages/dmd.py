@@ -12,7 +12,7 @@ the generator's own outputs. Per step, with one target turn k for the whole batc
      gives x̂ = f(x_s, t_s);
   3. critic: the flow-matching loss on x̂ (no gradient to the generator), noised at t ~ U[t_min,
      t_max] (flow-shifted);
-  4. generator (every `generator_every` steps): x̂ noised at such a t, read by both scores as
+  4. generator (the last of every `generator_every` steps): x̂ noised at such a t, read by both scores as
      clean-image predictions; g = (fake - real) / mean|x̂ - real| per sample; the loss
      0.5 ||x̂ - stop_grad(x̂ - g)||² has gradient g at x̂, moving the generator's outputs from
      where the critic says they are to where the real score says the data is.
@@ -38,6 +38,12 @@ from anchoredit_jax.stages.causal import rollout_context, rollout_inputs, traini
 from anchoredit_jax.stages.distill import _with_frozen, trainable
 
 OBJECTIVES = ("dmd", "regression")
+
+
+def generator_step(step, cfg):
+  """Whether the step numbered `step` (from 0) moves the generator: the last of every
+  generator_every, so a run logged every multiple of it logs generator steps."""
+  return (step + 1) % cfg.dmd.generator_every == 0
 
 
 def critic_optimizer(cfg):
@@ -197,7 +203,7 @@ def update(state, batch, rng, cfg, graphdef, tx, *, store=None):
         params, aux["critic"], graphdef, ctx, rng, cfg, aux, store=store, generator=False)
     return params, state["opt_state"], g_c, {**m, "generator_grad_norm": jnp.zeros(())}
 
-  is_gen = state["step"] % cfg.dmd.generator_every == 0
+  is_gen = generator_step(state["step"], cfg)
   new_params, opt_state, g_c, metrics = jax.lax.cond(is_gen, both, critic_only, None)
   critic, critic_opt = _apply(critic_optimizer(cfg), g_c, aux["critic_opt"], aux["critic"])
   metrics["critic_grad_norm"] = optax.tree.norm(g_c)
