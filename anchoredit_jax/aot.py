@@ -252,7 +252,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m anchoredit_jax.aot", description=cli.description(__doc__))
   p.add_argument("--config", required=True, help="configs/<stage>.py[:preset,...]; --config.x=v overrides")
   p.add_argument("--topology", required=True)
-  p.add_argument("--stages", default="", help="pretrain,causal,distill or all (default: the config's)")
+  p.add_argument("--stages", default="", help="pretrain,causal,distill,dmd or all "
+                 "(pretrain,causal,distill; default: the config's)")
   p.add_argument("--mesh", default="", help="data=..,fsdp=..,tensor=.. (default: the config's mesh)")
   p.add_argument("--step-time", type=float, default=None, help="seconds per step, for the MFU")
   p.add_argument("--hbm-gib", type=float, default=None, help="override the chip's HBM per device")

@@ -14,6 +14,8 @@ Systems (the issue-4 list; `weights` names the stage directory under a checkpoin
   vi   iterative single-turn editing: stage 1 on its own previous output     (pretrain)
   vii  bidirectional: full attention over the whole history, re-run every
        turn: inference-time change of i's weights (trained causal)          (distill)
+  i-dmd  the 4-step student made by DMD (stage 3b) from the stage-2 weights,
+       with the consistency student's training FLOPs                        (dmd)
 
 Tables and pictures of the results: anchoredit_jax/eval/report.py.
 
@@ -71,6 +73,8 @@ SYSTEMS = {s.name: s for s in [
            note="stage-1 model fed its own previous output (uint8), 20-step CFG"),
     System("vii", "bidirectional re-run", "distill", kind="bidir",
            note="inference-time change of i's weights: full attention over all turns, re-run each turn"),
+    System("i-dmd", "DMD 4-step student", "dmd",
+           note="stage 3b from the stage-2 weights, as many training FLOPs as i's stage 3"),
 ]}
 
 # Training runs behind each stage directory, as `anchoredit_jax.train` flags ({root}: the runs
@@ -83,8 +87,11 @@ TRAIN_RUNS = {
                   "--config.causal.self_rollout=False"],
     "distill_tf": ["--config=configs/distill.py:{preset}", "--config.init_from={root}/causal_tf",
                    "--config.causal.self_rollout=False"],
+    # 1400 mean DMD steps cost what stage 3's 500 do (flops.dmd_step, flops.distill_step)
+    "dmd": ["--config=configs/dmd.py:{preset}", "--config.init_from={root}/causal",
+            "--config.dmd.real_from={root}/causal", "--config.train.steps=1400"],
 }
-NEEDS = {"distill_tf": ["pretrain", "causal_tf"], "causal_tf": ["pretrain"],
+NEEDS = {"distill_tf": ["pretrain", "causal_tf"], "causal_tf": ["pretrain"], "dmd": ["pretrain", "causal"],
          "distill": ["pretrain", "causal"], "causal": ["pretrain"], "pretrain": []}
 
 
