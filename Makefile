@@ -25,10 +25,12 @@ $(STAMP): setup.py constraints.txt | $(PY)
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 
-# Tests that need several host devices set XLA_FLAGS themselves.
+# Tests that need several host devices set XLA_FLAGS themselves. Two workers (pytest-xdist,
+# TEST_WORKERS=0 for one process), each taking whole files so module fixtures are built once.
 # pytest exits 5 when it collects nothing; that must fail, loudly.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	@rc=0; $(PY) -m pytest -q -rs --durations=15 tests || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAIL: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
 

