@@ -182,3 +182,20 @@ def test_an_unknown_objective_is_refused():
   cfg = _config("gan")
   with pytest.raises(ValueError, match="dmd.objective='gan'"):
     Trainer(cfg, one_device_mesh())
+
+
+def test_the_dmd_gradient_is_zero_while_the_critic_is_the_unguided_real_score():
+  """Critic and real score are the same weights at the start; without guidance the two scores
+  agree exactly, so the generator gets no push (a check of the plumbing, not of the Gaussian
+  algebra above)."""
+  cfg = _config()
+  cfg.dmd.update(guidance=1.0, generator_every=1)
+  tr = Trainer(cfg, one_device_mesh())
+  state = tr.with_params(random_model(cfg.model)[0], random_model(cfg.model, seed=3)[0])
+  _, metrics = tr.step(state, _batch(cfg), jax.random.key(1))
+  assert float(metrics["generator_step"]) == 1.0 and float(metrics["dmd_gradient"]) < 1e-6
+  cfg.dmd.guidance = 2.0  # with guidance they differ, and the generator is pushed
+  tr = Trainer(cfg, one_device_mesh())
+  state = tr.with_params(random_model(cfg.model)[0], random_model(cfg.model, seed=3)[0])
+  _, metrics = tr.step(state, _batch(cfg), jax.random.key(1))
+  assert float(metrics["dmd_gradient"]) > 1e-2
