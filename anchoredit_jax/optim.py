@@ -16,3 +16,9 @@ def make_optimizer(ocfg, total_steps, frozen=()):
   labels = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: "frozen" if part(path) in frozen else "train", params)
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def apply_gradients(tx, grads, opt_state, params):
+  """One optimizer step -> (new params, new optimizer state)."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state

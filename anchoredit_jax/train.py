@@ -34,7 +34,7 @@ from anchoredit_jax.data.tokenize import tokenizer_of
 from anchoredit_jax.distributed import say
 from anchoredit_jax.eval import evaluators
 from anchoredit_jax.models.model import abstract_split, build, frozen_parts
-from anchoredit_jax.optim import make_optimizer
+from anchoredit_jax.optim import apply_gradients, make_optimizer
 from anchoredit_jax.stages import causal, distill, dmd, pretrain
 
 # A stage module gives loss_fn(params, graphdef, batch, rng, cfg[, aux], *, store) -> (loss,
@@ -136,9 +136,9 @@ class Trainer:
     aux = (state["aux"],) if "aux" in state else ()
     grad_fn = jax.value_and_grad(self.stage.loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state["params"], self.graphdef, batch, rng, self.cfg, *aux, store=store)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params, opt_state = apply_gradients(self.tx, grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.tree.norm(grads)
-    new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+    new = {"params": params, "opt_state": opt_state}
     if aux:
       new["aux"] = self.stage.update_aux(state["aux"], new["params"], self.cfg)
     return new, metrics

@@ -33,9 +33,9 @@ from flax import nnx
 
 from anchoredit_jax import flow
 from anchoredit_jax.editing import encode, generate_turn_fast, guided_velocity, turn_velocity, write_turn
-from anchoredit_jax.optim import make_optimizer
+from anchoredit_jax.optim import apply_gradients, make_optimizer
 from anchoredit_jax.stages.causal import rollout_context, rollout_inputs, training_context
-from anchoredit_jax.stages.distill import _with_frozen, trainable
+from anchoredit_jax.stages.distill import _with_frozen, consistency_x0, trainable
 
 OBJECTIVES = ("dmd", "regression")
 
@@ -123,7 +123,7 @@ def backward_simulation(model, mem, text, rng, s, cfg):
   def step(i, x):
     def one(x):
       t = jnp.full((b,), times[i])
-      x0 = flow.x0_from_velocity(x, turn_velocity(model, mem, x, t, text)[0], t)
+      x0 = consistency_x0(model, mem, x, t, text)
       return flow.add_noise(x0, jax.random.normal(jax.random.fold_in(r_steps, i), x.shape),
                             jnp.full((b,), times[i + 1]))
     return jax.lax.cond(i < s, one, lambda x: x, x)
@@ -157,7 +157,7 @@ def losses(params, critic, graphdef, ctx, rng, cfg, aux, *, store=None, generato
   else:
     x_s, t_s = backward_simulation(models["generator"], mems["generator"], text["generator"], r_sim, s, cfg)
   gen = models["generator"]
-  x_hat = flow.x0_from_velocity(x_s, turn_velocity(gen, mems["generator"], x_s, t_s, text["generator"])[0], t_s)
+  x_hat = consistency_x0(gen, mems["generator"], x_s, t_s, text["generator"])
   metrics = {"target_turn": k + 1.0, "generator_step_index": s.astype(jnp.float32)}
   if cfg.dmd.objective == "regression":
     loss = jnp.mean((x_hat - x_gt) ** 2)
@@ -173,8 +173,7 @@ def losses(params, critic, graphdef, ctx, rng, cfg, aux, *, store=None, generato
     empty = encode(models["real"], ctx[3], store)
     v_c, v_u = guided_velocity(models["real"], mems["real"], x_t, t, text["real"], empty)
     real_x0 = flow.x0_from_velocity(x_t, v_u + cfg.dmd.guidance * (v_c - v_u), t)
-    fake_x0 = flow.x0_from_velocity(x_t, turn_velocity(models["critic"], mems["critic"], x_t, t,
-                                                       text["critic"])[0], t)
+    fake_x0 = consistency_x0(models["critic"], mems["critic"], x_t, t, text["critic"])
     grad = jax.lax.stop_gradient(dmd_gradient(x_fixed, real_x0, fake_x0))
     metrics.update(generator_loss=dmd_loss(x_hat, grad), dmd_gradient=jnp.mean(jnp.abs(grad)))
   loss = critic_loss + metrics["generator_loss"]
@@ -185,7 +184,7 @@ def update(state, batch, rng, cfg, graphdef, tx, *, store=None):
   """One step of both players -> (params, opt_state, aux), metrics (see the module docstring)."""
   params, aux = state["params"], state["aux"]
   ctx = history(params, graphdef, batch, rng, cfg, aux, store=store)
-  step_gen = lambda g: _apply(tx, g, state["opt_state"], params)
+  step_gen = lambda g: apply_gradients(tx, g, state["opt_state"], params)
   if cfg.dmd.objective == "regression":
     (_, metrics), g_p = jax.value_and_grad(losses, has_aux=True)(
         params, aux["critic"], graphdef, ctx, rng, cfg, aux, store=store)
@@ -205,14 +204,10 @@ def update(state, batch, rng, cfg, graphdef, tx, *, store=None):
 
   is_gen = generator_step(state["step"], cfg)
   new_params, opt_state, g_c, metrics = jax.lax.cond(is_gen, both, critic_only, None)
-  critic, critic_opt = _apply(critic_optimizer(cfg), g_c, aux["critic_opt"], aux["critic"])
+  critic, critic_opt = apply_gradients(critic_optimizer(cfg), g_c, aux["critic_opt"], aux["critic"])
   metrics["critic_grad_norm"] = optax.tree.norm(g_c)
   metrics["grad_norm"] = jnp.sqrt(metrics["critic_grad_norm"] ** 2 + metrics["generator_grad_norm"] ** 2)
   metrics["generator_step"] = is_gen.astype(jnp.float32)
   return {"params": new_params, "opt_state": opt_state,
           "aux": {**aux, "critic": critic, "critic_opt": critic_opt}}, metrics
 
-
-def _apply(tx, grads, opt_state, params):
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
