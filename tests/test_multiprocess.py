@@ -23,8 +23,15 @@ TWO_PROCESS_MESH = ["--config.mesh.dcn_data=2", "--config.mesh.data=1", "--confi
                     "--config.mesh.tensor=2"]  # (data=2, fsdp=2, tensor=2), data across processes
 
 
+def uncached_env():
+  """The environment without the tests' shared compilation cache: a one-process resume of a
+  two-process run aborted (SIGABRT) in CI with it, suspected of loading a program cached for
+  the gloo collectives of the two-process run."""
+  return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+
 def one_process(config, workdir, *args, devices=8, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(uncached_env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-m", "anchoredit_jax.train",
                         f"--config={config}", f"--workdir={workdir}", *SMOKE, *args],
@@ -39,9 +46,9 @@ def local_sh(config, workdir, *args, processes=2, devices=4, wait=True, extra=()
          "--logdir", str(workdir) + "_logs", *extra, "--",
          f"--config={config}", f"--workdir={workdir}", *SMOKE, *args]
   if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=ROOT, env=uncached_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  out = subprocess.run(cmd, cwd=ROOT, env=uncached_env(), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
   return out
 
