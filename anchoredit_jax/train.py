@@ -580,11 +580,13 @@ def train(cfg, workdir):
                   ", ".join(f"{k}={v:.3f}" for k, v in result.items() if not k.startswith("copy_")))
   finally:  # also on an error, so its line starts on a line of its own
     bar.close()
-  for s, h in old_handlers.items():
-    signal.signal(s, h)
   if mngr.latest_step() != step and not diverged:
     save(step)
   mngr.wait_until_finished()
+  # Only now: a signal during the final save is noted (the run then stops as interrupted) rather
+  # than killing the process before the step it ended on is on disk.
+  for s, h in old_handlers.items():
+    signal.signal(s, h)
   kept = mngr.latest_step()
   mngr.close()
   if diverged:

@@ -85,6 +85,38 @@ def test_a_signal_saves_a_checkpoint_and_stops_without_evaluating(tmp_path, sig)
   assert again.returncode == 0 and f"at step {step}" in again.stdout + again.stderr, again.stderr[-2000:]
 
 
+# Runs train.main with save_step wrapped so that the process sends itself SIGTERM just as the
+# save of the last step begins: the moment a preemption notice can arrive after the loop ended.
+SIGNAL_DURING_FINAL_SAVE = """
+import os, signal, sys
+from anchoredit_jax import train
+real, last = train.save_step, int(sys.argv.pop())
+def save_step(mngr, step, *args):
+  if step == last:
+    os.kill(os.getpid(), signal.SIGTERM)
+  return real(mngr, step, *args)
+train.save_step = save_step
+train.main()
+"""
+
+
+def test_a_signal_during_the_final_save_does_not_lose_the_last_step(tmp_path):
+  """A SIGTERM that arrives while the last step is being saved waits for the save to finish
+  (exit 75, the checkpoint of the last step complete), instead of killing the process with the
+  default handler and losing every step since the previous checkpoint."""
+  wd = tmp_path / "run"
+  cmd = [sys.executable, "-c", SIGNAL_DURING_FINAL_SAVE, "--config=configs/pretrain.py:smoke",
+         f"--workdir={wd}", "--config.train.steps=7", "--config.train.ckpt_every=5",
+         "--config.eval.pairs=0", "7"]
+  p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 75, (p.returncode, p.stderr[-2000:])
+  assert "interrupted: SIGTERM at step 7: saved a checkpoint" in p.stderr, p.stderr[-2000:]
+  assert sorted(int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit())[-1] == 7
+  again = train_cli(wd, "--config.train.steps=7", "--config.eval.pairs=0")
+  assert again.returncode == 0 and "at step 7" in again.stdout + again.stderr, again.stderr[-2000:]
+
+
 def test_cli_refuses_workdir_of_another_config(tmp_path):
   wd = tmp_path / "run"
   assert train_cli(wd, "--config.train.steps=2", "--config.eval.pairs=0").returncode == 0
