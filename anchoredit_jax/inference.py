@@ -114,13 +114,18 @@ def _sample(model, mem, tokens, rng, s: Sampler):
                        shift=s.shift, sign=s.noise_sign), text
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("mem",))
-def edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
+def _edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
   """One editing turn: tokens int32 [b,l] -> (image float [b,R,R,3] in [0,1], new memory)."""
   model = nnx.merge(graphdef, params)
   x0, text = _sample(model, mem, tokens, rng, sampler)
   mem = write_turn(model, mem, x0, text)
   return jnp.clip(model.autoencoder.decode(x0), 0.0, 1.0), mem
+
+
+_STATIC = ("graphdef", "sampler")
+edit_turn = jax.jit(_edit_turn, static_argnames=_STATIC, donate_argnames=("mem",))
+# the same turn with the old memory kept (an edit tree branches from it again)
+edit_turn_kept = jax.jit(_edit_turn, static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"))
@@ -162,47 +167,77 @@ def to_uint8(x):
   return np.asarray(np.round(np.asarray(x) * 255.0), np.uint8)
 
 
+def instruction_tokens(cfg, instruction: str):
+  """One instruction -> int32 [1, text_len]; a non-string or empty one is refused by name."""
+  if not isinstance(instruction, str):
+    raise TypeError(f"an instruction is a string, e.g. 'make the red circle blue'; got "
+                    f"{type(instruction).__name__} {instruction!r:.40}")
+  if not instruction.strip():
+    raise ValueError("empty instruction: say what to change, e.g. 'make the red circle blue'")
+  return jnp.asarray(tokenize_for(cfg.model, [instruction]))
+
+
+def check_source(cfg, source) -> np.ndarray:
+  """The source image as this run edits it: uint8 [R,R,3], else a ValueError naming the shape."""
+  source = np.asarray(source)
+  res = cfg.data.res
+  if source.shape != (res, res, 3) or source.dtype != np.uint8:
+    raise ValueError(f"source image must be uint8 [{res},{res},3], got {source.dtype} {list(source.shape)}")
+  return source
+
+
+def load_edit_run(workdir):
+  """(cfg, graphdef, params) of a run or reference checkpoint that can edit (stage 2 or 3)."""
+  try:
+    cfg, graphdef, params, _ = load_params(workdir)
+  except (FileNotFoundError, ValueError):  # ours: they say what is wrong
+    raise
+  except Exception as e:  # noqa: BLE001  (orbax/tensorstore errors when the arrays do not fit the config)
+    raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
+                     f"({type(e).__name__}: {short(e, 120)})") from e
+  if cfg.get("stage") not in EDIT_STAGES:
+    raise ValueError(f"{workdir} is a {cfg.get('stage')} run; editing sessions need a causal "
+                     f"(stage 2), distill or dmd (stage 3) run")
+  return cfg, graphdef, params
+
+
+def source_memory(cfg, graphdef, params, source, window=None):
+  """A batch-1 AnchorMemory holding the source image uint8 [R,R,3] (window: cfg.causal.window)."""
+  mem = init_memory(cfg.model, 1, cfg.data.res, window or cfg.causal.window, use_anchor=cfg.causal.anchor)
+  return start_memory(params, graphdef, mem, jnp.asarray(source[None]))
+
+
+def memory_from_leaves(cfg, window, leaves, where):
+  """A batch-1 AnchorMemory rebuilt from its saved leaves (in jax.tree.leaves order); a ValueError
+  naming `where` if they do not fit this model."""
+  like = init_memory(cfg.model, 1, cfg.data.res, window, use_anchor=cfg.causal.anchor)
+  if [a.shape for a in jax.tree.leaves(like)] != [tuple(a.shape) for a in leaves]:
+    raise ValueError(f"{where} was saved with another model config than this run's")
+  return jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a, l.dtype) for a, l in
+                                                       zip(leaves, jax.tree.leaves(like))])
+
+
 class EditSession:
   """An editing session on one image: `.edit(instruction)`, `.history`, `.save` / `.load`."""
 
   def __init__(self, cfg, graphdef, params, source, *, sampler=None, seed=0, window=None):
-    source = np.asarray(source)
-    res = cfg.data.res
-    if source.shape != (res, res, 3) or source.dtype != np.uint8:
-      raise ValueError(f"source image must be uint8 [{res},{res},3], got {source.dtype} {list(source.shape)}")
+    source = check_source(cfg, source)
     self.cfg, self.graphdef, self.params = cfg, graphdef, params
     self.sampler = sampler or default_sampler(cfg)
     self.seed = seed
-    window = window or cfg.causal.window
     self.history = [("", source)]  # (instruction, uint8 image) per turn, the source first
-    mem = init_memory(cfg.model, 1, res, window, use_anchor=cfg.causal.anchor)
-    self.memory = start_memory(params, graphdef, mem, jnp.asarray(source[None]))
+    self.memory = source_memory(cfg, graphdef, params, source, window)
 
   @classmethod
   def from_run(cls, workdir, source, **kw):
-    try:
-      cfg, graphdef, params, _ = load_params(workdir)
-    except (FileNotFoundError, ValueError):  # ours: they say what is wrong
-      raise
-    except Exception as e:  # noqa: BLE001  (orbax/tensorstore errors when the arrays do not fit the config)
-      raise ValueError(f"the checkpoint in {workdir} does not match its config.json "
-                       f"({type(e).__name__}: {short(e, 120)})") from e
-    if cfg.get("stage") not in EDIT_STAGES:
-      raise ValueError(f"{workdir} is a {cfg.get('stage')} run; editing sessions need a causal "
-                       f"(stage 2), distill or dmd (stage 3) run")
-    return cls(cfg, graphdef, params, source, **kw)
+    return cls(*load_edit_run(workdir), source, **kw)
 
   @property
   def turn(self) -> int:
     return len(self.history) - 1
 
   def tokens(self, instruction: str):
-    if not isinstance(instruction, str):
-      raise TypeError(f"an instruction is a string, e.g. 'make the red circle blue'; got "
-                      f"{type(instruction).__name__} {instruction!r:.40}")
-    if not instruction.strip():
-      raise ValueError("empty instruction: say what to change, e.g. 'make the red circle blue'")
-    return jnp.asarray(tokenize_for(self.cfg.model, [instruction]))
+    return instruction_tokens(self.cfg, instruction)
 
   def edit(self, instruction: str) -> np.ndarray:
     """Apply one instruction; returns the new image uint8 [R,R,3]."""
@@ -253,10 +288,5 @@ class EditSession:
     self.cfg, self.graphdef, self.params = cfg, graphdef, params
     self.sampler, self.seed = Sampler(**meta["sampler"]), meta["seed"]
     self.history = list(zip(meta["instructions"], images))
-    like = init_memory(cfg.model, 1, cfg.data.res, meta["window"], use_anchor=cfg.causal.anchor)
-    shapes = [a.shape for a in jax.tree.leaves(like)]
-    if shapes != [a.shape for a in leaves]:
-      raise ValueError(f"{path} was saved with another model config than this run's")
-    self.memory = jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(a, l.dtype) for a, l in
-                                                                zip(leaves, jax.tree.leaves(like))])
+    self.memory = memory_from_leaves(cfg, meta["window"], leaves, path)
     return self
