@@ -114,7 +114,7 @@ def _sample(model, mem, tokens, rng, s: Sampler):
                        shift=s.shift, sign=s.noise_sign), text
 
 
-def _edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
+def one_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
   """One editing turn: tokens int32 [b,l] -> (image float [b,R,R,3] in [0,1], new memory)."""
   model = nnx.merge(graphdef, params)
   x0, text = _sample(model, mem, tokens, rng, sampler)
@@ -123,9 +123,9 @@ def _edit_turn(params, graphdef, mem, tokens, rng, *, sampler: Sampler):
 
 
 _STATIC = ("graphdef", "sampler")
-edit_turn = jax.jit(_edit_turn, static_argnames=_STATIC, donate_argnames=("mem",))
+edit_turn = jax.jit(one_turn, static_argnames=_STATIC, donate_argnames=("mem",))
 # the same turn with the old memory kept (an edit tree branches from it again)
-edit_turn_kept = jax.jit(_edit_turn, static_argnames=_STATIC)
+edit_turn_kept = jax.jit(one_turn, static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"))

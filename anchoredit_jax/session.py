@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 import time
 
 import jax
@@ -73,6 +74,7 @@ class EditTree:
     self.window = window or cfg.causal.window
     root = Node(0, None, "", source, source_memory(cfg, graphdef, params, source, self.window))
     self.nodes, self.current, self.next_id = {0: root}, 0, 1
+    self.lock = threading.RLock()  # for callers that share a tree between threads (serve.py)
 
   @classmethod
   def from_run(cls, workdir, source, **kw):
@@ -179,6 +181,11 @@ class EditTree:
     for n in self.nodes.values():
       n.memory = jax.device_get(n.memory)
 
+  @property
+  def offloaded(self) -> bool:
+    """Whether no memory of this tree is on a device."""
+    return all(isinstance(a, np.ndarray) for n in self.nodes.values() for a in jax.tree.leaves(n.memory))
+
   # -- saving ---------------------------------------------------------------------------------------
   def meta(self) -> dict:
     return {"format": FORMAT, "seed": self.seed, "sampler": dataclasses.asdict(self.sampler),
@@ -239,6 +246,7 @@ class EditTree:
     self.cfg, self.graphdef, self.params = cfg, graphdef, params
     self.sampler, self.seed, self.window = Sampler(**meta["sampler"]), meta["seed"], meta["window"]
     self.current, self.next_id, self.nodes = meta["current"], meta["next_id"], {}
+    self.lock = threading.RLock()
     keys = {}  # node id -> its memory's keys, in leaf order
     for k in sorted(mems.keys(), key=lambda k: tuple(int(p) for p in k.split("/"))):
       keys.setdefault(int(k.split("/")[0]), []).append(k)
