@@ -291,3 +291,22 @@ def test_padded_text_follows_wans_convention(wan_dir):
   wan13 = common.model_config("wan1.3b")
   assert (wan13.text_padding, wan13.rope_stride) == ("attend", 4)
   assert common.model_config("toy").text_padding == "masked"
+
+
+def test_wans_own_config_layout_reads_as_the_diffusers_one():
+  """Wan2.1's release ships WanModel's config.json (dim, num_heads, in_dim, qk_norm true), not
+  diffusers' names: both give the same model fields (the 1.3B's values), and its eps is checked."""
+  own = {"_class_name": "WanModel", "model_type": "t2v", "dim": 1536, "eps": 1e-06, "ffn_dim": 8960,
+         "freq_dim": 256, "in_dim": 16, "num_heads": 12, "num_layers": 30, "out_dim": 16,
+         "text_len": 512, "qk_norm": True, "cross_attn_norm": True}
+  diffusers = {"num_attention_heads": 12, "attention_head_dim": 128, "num_layers": 30, "ffn_dim": 8960,
+               "freq_dim": 256, "text_dim": 4096, "in_channels": 16, "out_channels": 16,
+               "patch_size": [1, 2, 2], "eps": 1e-6, "qk_norm": "rms_norm_across_heads", "cross_attn_norm": True}
+  assert wan.model_fields(own) == wan.model_fields(diffusers)
+  assert wan.model_fields(own)["dim"] == 1536 and wan.model_fields(own)["heads"] == 12
+  with pytest.raises(ValueError, match="norms use eps"):
+    wan.model_fields(dict(own, eps=1e-5))
+  with pytest.raises(ValueError, match="Wan i2v model"):
+    wan.model_fields(dict(own, model_type="i2v"))
+  with pytest.raises(ValueError, match="another q/k"):
+    wan.model_fields(dict(own, qk_norm=False))

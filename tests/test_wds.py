@@ -72,6 +72,8 @@ def test_parse_keeps_good_samples_and_names_each_defect():
   cut, d = wds.parse(_raw("a", 4), max_turns=2)
   assert d == ["truncated"] and len(cut["images"]) == 3 and len(cut["instructions"]) == 2
   assert wds.parse(_raw("a", 1), max_turns=2, exact_turns=True) == (None, ["too_few_turns"])
+  # stage 1 reads without max_turns: a config with data.exact_turns (as the authors' all are) keeps every sample
+  assert wds.kept_turns(3, None, exact_turns=True) == (3, [])
   # the authors' other names of a frame: frame_3.jpg, x_3.JPEG
   ok, _ = wds.parse({"__key__": "k", "json": _raw("a", 1)["json"],
                      "frame_0.JPG": wds.encode_image(_img(8, 8, 0), "jpg"),

@@ -88,9 +88,26 @@ def transformer_dir(path) -> Path:
   return path / "transformer" if (path / "transformer").is_dir() else path
 
 
-def model_fields(diffusers_config: dict) -> dict:
-  """Our model-config fields for a diffusers WanTransformer3DModel config.json."""
-  c = diffusers_config
+# Wan's own config.json (WanModel, as in the Wan2.1 release) -> diffusers' names for the same fields
+WAN_KEYS = {"num_layers": "num_layers", "ffn_dim": "ffn_dim", "freq_dim": "freq_dim", "eps": "eps",
+            "text_dim": "text_dim", "in_dim": "in_channels", "out_dim": "out_channels",
+            "patch_size": "patch_size", "cross_attn_norm": "cross_attn_norm"}
+
+
+def _from_wan_layout(c: dict) -> dict:
+  if c.get("model_type", "t2v") != "t2v":
+    raise ValueError(f"this is a Wan {c['model_type']} model; load a text-to-video one (Wan2.1-T2V-*)")
+  heads = c.get("num_heads", 12)
+  out = {WAN_KEYS[k]: v for k, v in c.items() if k in WAN_KEYS}
+  out.update(num_attention_heads=heads, attention_head_dim=c.get("dim", 1536) // heads,
+             qk_norm="rms_norm_across_heads" if c.get("qk_norm", True) else None)
+  return out
+
+
+def model_fields(config: dict) -> dict:
+  """Our model-config fields for a Wan2.1 transformer's config.json: diffusers'
+  WanTransformer3DModel layout, or Wan's own (WanModel: dim, num_heads, in_dim, qk_norm true)."""
+  c = _from_wan_layout(config) if "num_heads" in config or "in_dim" in config else config
   if c.get("image_dim") or c.get("added_kv_proj_dim"):
     raise ValueError("this is an image-conditioned Wan (I2V/FLF2V) transformer; load a "
                      "text-to-video one (Wan2.1-T2V-*)")

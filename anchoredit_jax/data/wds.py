@@ -174,10 +174,11 @@ def texts(raw: dict, language: str) -> list:
 
 
 def kept_turns(turns: int, max_turns=None, exact_turns=False) -> tuple:
-  """(turns kept or None to skip the sample, [defects]) for a sample of `turns` turns."""
+  """(turns kept or None to skip the sample, [defects]) for a sample of `turns` turns. Without
+  `max_turns` (stage 1, which takes every turn as a pair) `exact_turns` asks for nothing."""
   if max_turns is not None and turns > max_turns:
     return max_turns, ["truncated"]
-  if exact_turns and turns != max_turns:
+  if exact_turns and max_turns is not None and turns != max_turns:
     return None, ["too_few_turns"]
   return turns, []
 
