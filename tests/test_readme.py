@@ -52,6 +52,7 @@ def test_readme_examples_run_as_written(tmp_path):
   assert sorted(os.listdir(tmp_path / "out"))[:3] == ["session.json", "session.npz", "strip.png"]
   assert (tmp_path / "out" / "turn_02.png").exists() and (tmp_path / "session.npz").exists()
   assert (tmp_path / "curves.png").exists() and (tmp_path / "samples.png").exists()
+  assert (tmp_path / "tree" / "tree.json").exists() and (tmp_path / "tree" / "images" / "3.png").exists()
 
 
 def commands(text):
