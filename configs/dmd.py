@@ -20,16 +20,16 @@ def get_config(arg=None):
   c.stage = "dmd"
   c.workdir = f"runs/{p}/dmd"
   c.init_from = f"runs/{p}/distill"
-  steps, guidance = c.distill.student_steps, c.distill.guidance
+  steps = c.distill.student_steps
   del c["distill"]
   c.causal.p_teacher = 0.0  # the history is the generator's own, as at inference
   c.dmd = ml_collections.ConfigDict(dict(
       objective="dmd",       # or "regression" (the generator's warm-up; no critic, no real score)
       real_from=f"runs/{p}/causal",  # the frozen real score; the critic starts from it too
       student_steps=steps,   # the generator's few-step sampler (self-rollout and inference)
-      # the real score's CFG scale: the authors' 6.0 for Wan; stage 3's (2.0) on the small
-      # presets, whose teacher is sampled at 2 (at 6 its samples saturate); the critic has none
-      guidance=6.0 if p in common.WAN_PRESETS else guidance,
+      # the real score's CFG scale: the authors' 6.0 for Wan; none (1.0) on the small presets,
+      # where stage 3's 2.0 made DMD far worse on the toy (RESULTS 2026-12-02); the critic has none
+      guidance=6.0 if p in common.WAN_PRESETS else 1.0,
       generator_every=5,     # the critic learns every step, the generator every 5th (the authors')
       t_min=0.02, t_max=0.98,  # where the scores are read (before the flow shift)
       critic_optim=dict(lr=1e-4, warmup_steps=20, end_lr=1e-4, weight_decay=0.0, b1=0.0, b2=0.999,

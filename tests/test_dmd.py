@@ -120,6 +120,7 @@ def _steps(cfg, mesh, params, teacher, n=4):
 def test_one_step_on_a_2x2x2_mesh_equals_one_device_and_the_players_take_turns():
   assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
   cfg = _config()
+  cfg.dmd.guidance = 2.0  # unguided, critic = real score at the start: the gradient would be ~0
   params, teacher = random_model(cfg.model, seed=0)[0], random_model(cfg.model, seed=5)[0]
   _, s1, m1 = _steps(cfg, one_device_mesh(), params, teacher)
   _, s8, m8 = _steps(cfg, sh.make_mesh(dict(data=2, fsdp=2, tensor=2)), params, teacher)
