@@ -5,6 +5,9 @@ import pytest
 from flax import nnx
 
 from anchoredit_jax import inference
+from anchoredit_jax.data import pipeline
+from anchoredit_jax.editing import encode, write_turn
+from anchoredit_jax.stages.causal import rollout_inputs, training_context
 from anchoredit_jax.inference import EditSession, Sampler
 from anchoredit_jax.models.model import build
 from configs import distill as distill_config
@@ -65,3 +68,20 @@ def test_bad_inputs_raise_one_line_errors():
   with pytest.raises(ValueError, match=r"uint8 \[32,32,3\]"):
     EditSession(cfg, graphdef, params, np.zeros((16, 16, 3), np.uint8))
   assert s.turn == 0  # nothing was applied
+
+
+def test_training_and_inference_write_the_source_under_the_same_instruction():
+  """The convention of every preset (README, "Starting from Wan2.1"): the source turn is written
+  under the empty instruction, by stage 2's rollout as by an editing session, so the anchor a
+  session edits from is the one training built (the authors' training and inference differ here)."""
+  cfg, graphdef, params, _ = _session()
+  model = nnx.merge(graphdef, params)
+  ex = pipeline.example_from_seed(0, split="train", res=32, num_turns=2, text_len=cfg.model.text_len)
+  batch = {k: ex[k][None] for k in ("images", "tokens", "edit_masks", "identity_masks")}
+  src, empty, mem0, _ = rollout_inputs(model, cfg, batch)
+  x, t = training_context(jax.random.key(0), src, cfg.causal, model.autoencoder, source=True)
+  trained = write_turn(model, mem0, x, encode(model, empty), t)
+  session = EditSession(cfg, graphdef, params, np.asarray(ex["images"][0]), window=mem0.window)
+  for a, b in ((trained.anchor_k, session.memory.anchor_k), (trained.anchor_v, session.memory.anchor_v),
+               (trained.anchor_latent, session.memory.anchor_latent)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
