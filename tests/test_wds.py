@@ -11,6 +11,7 @@ import pytest
 from anchoredit_jax.data import batches, buckets as bk, export_wds, shapes, tfds_builder, wds
 from anchoredit_jax import train
 from anchoredit_jax.train import make_data
+from anchoredit_jax.data.tokenize import detokenize
 from configs import causal as causal_config
 from tests.helpers import train_cli
 
@@ -342,3 +343,19 @@ def test_an_export_does_not_mix_with_shards_of_other_flags(tmp_path):
   assert len(wds.Source(wds.shard_list(str(tmp_path / "*.tar")))) == 4
   with pytest.raises(ValueError, match="exported with .* not"):
     export_wds.export(str(tmp_path), sequences=2, turns=2, res=32, per_shard=1)
+
+
+def test_a_random_language_is_drawn_per_sample_and_kept_on_every_read(tmp_path):
+  wds.write_shard(str(tmp_path / "l.tar"), [_raw(f"l{i}", 2) for i in range(8)])
+  it = _batcher(wds.Source(wds.shard_list(str(tmp_path / "*.tar"))), language="random", num_epochs=1)
+
+  def language(i):
+    _, items, _ = it._load(i)
+    return {detokenize(t).split(" ")[0] for t in items[0][1]["tokens"]}  # "en" or "zh", per turn
+
+  drawn = [language(i) for i in range(8)]
+  assert all(len(d) == 1 for d in drawn)  # one language for the whole sample
+  assert {next(iter(d)) for d in drawn} == {"en", "zh"}  # both languages are drawn
+  assert [language(i) for i in range(8)] == drawn  # and each sample keeps its own
+  with pytest.raises(ValueError, match="language 'fr'"):
+    _batcher(it.source, language="fr")
