@@ -1,6 +1,7 @@
 """Model FLOPs counted from the architecture (multiply-adds x 2), to check XLA's cost_analysis
 and to put a FLOP floor beside measured times. Attention is counted dense, as XLA computes it
-(block-causal masks do not remove work).
+(block-causal masks do not remove work). These are model FLOPs: the forward a remat'd backward
+computes again is not counted (XLA's count of a toy step with remat "full" is 1.2-1.3x this).
 
 Letters: n tokens per turn, T turns computed, m memory tokens attended to, l text tokens.
 """
@@ -89,26 +90,41 @@ def distill_step(cfg, batch: int) -> float:
   return float(batch * (f * (3 + K * (gen + 2 + 1 + 3 + 3)) + text))
 
 
-def dmd_step(cfg, batch: int, generator: bool | None = None) -> float:
-  """Stage-3b step, in expectation over the target turn k (uniform over the K edits) and the
-  sampler step s reached by backward simulation (uniform over the S steps): source writes, the
-  generator's rollout of the k-1 turns before k (S passes and a write into each network's memory
-  per turn), s passes of backward simulation, the generator's step (with its backward on
-  generator steps), the critic's forward + backward and, on generator steps, the real score's
-  guided pass (2) and the critic's read (1). `generator` None: the mean over a run, one step in
-  dmd.generator_every moving the generator (regression: every step, the generator alone)."""
-  c, d, K = cfg.causal, cfg.dmd, cfg.data.num_turns
-  S = d.student_steps
-  f = turn_forward(cfg.model, cfg.data.res, K + 1 if c.full_cache else c.window)
+def dmd_parts(cfg, generator: bool = True) -> dict:
+  """Stage 3b's step in parts: name -> (count, forward passes f, text encodings). The networks
+  that take part ("roles": generator, real score, critic; the generator alone for the regression
+  warm-up) each read their own memory, so every write is made once per role:
+
+  - source: each role writes the source under the empty instruction;
+  - rollout_turn: a turn before the target k, counted (K-1)/2 times in expectation over k: the
+    generator's S sampler passes and one write per role, its instruction encoded per role;
+  - simulation: backward simulation's passes, (S-1)/2 in expectation over s (none for the
+    regression warm-up, which noises the ground truth instead);
+  - target: the generator's step with its backward (3), the critic's forward + backward (3) and,
+    on generator steps, the real score's guided pass (2) and the critic's read (1); on critic
+    steps the generator's step without gradient (1). Text: the target's instruction once per role
+    read, the real score's empty instruction, and the backward of each trained encoding."""
+  d, K, S = cfg.dmd, cfg.data.num_turns, cfg.dmd.student_steps
+  m = cfg.model
   if d.objective == "regression":
-    units = 1 + (K - 1) / 2 * (S + 1) + 3
-    text = text_forward(cfg.model, 1 + (K + 1) / 2 + _text_backward(cfg.model, 1))
-    return float(batch * (f * units + text))
-  if generator is None:
-    r = d.generator_every
+    roles, target = 1, (3, 1 + _text_backward(m, 1))
+  elif generator:
+    roles, target = 3, (3 + 3 + 3, 3 + 1 + _text_backward(m, 2))
+  else:  # the real score is not read
+    roles, target = 3, (1 + 3, 2 + _text_backward(m, 1))
+  return {"source": (1, roles, roles),
+          "rollout_turn": ((K - 1) / 2, S + roles, roles),
+          "simulation": (0 if d.objective == "regression" else (S - 1) / 2, 1, 0),
+          "target": (1, *target)}
+
+
+def dmd_step(cfg, batch: int, generator: bool | None = None) -> float:
+  """Stage-3b step (dmd_parts), in expectation over the target turn k and the sampler step s.
+  `generator` None: the mean over a run, one step in dmd.generator_every moving the generator
+  (regression: every step, the generator alone)."""
+  if generator is None and cfg.dmd.objective == "dmd":
+    r = cfg.dmd.generator_every
     return (dmd_step(cfg, batch, True) + (r - 1) * dmd_step(cfg, batch, False)) / r
-  history = 3 + (K - 1) / 2 * (S + 3) + (S - 1) / 2
-  units = history + (3 + 3 + 3 if generator else 1 + 3)
-  text = text_forward(cfg.model, 3 * (1 + (K + 1) / 2) + (1 if generator else 0)
-                      + _text_backward(cfg.model, 2 if generator else 1))
-  return float(batch * (f * units + text))
+  f = turn_forward(cfg.model, cfg.data.res, cfg.data.num_turns + 1 if cfg.causal.full_cache else cfg.causal.window)
+  parts = dmd_parts(cfg, generator is not False)
+  return float(batch * sum(n * (u * f + text_forward(cfg.model, l)) for n, u, l in parts.values()))

@@ -4,8 +4,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from anchoredit_jax import flops
-from anchoredit_jax.models.model import build
-from configs import common
+from anchoredit_jax.data import pipeline
+from anchoredit_jax.editing import encode, write_turn
+from anchoredit_jax.models.model import build, init_memory
+from anchoredit_jax.stages import dmd
+from configs import common, dmd as dmd_config
 
 
 def test_forward_flops_match_xla_for_one_layer():
@@ -37,3 +40,50 @@ def test_umt5_flops_match_xla():
   xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
   ours = flops.text_forward(m, 1)
   assert abs(ours - xla) / xla < 0.05, (ours, xla)
+
+
+def _xla_flops(f, *args):
+  cost = jax.jit(f).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+def test_dmd_step_parts_match_xla_on_one_layer():
+  """flops.dmd_parts against XLA, part by part, where XLA counts what the formula does: one
+  layer (the layer scan's body is counted once), remat off (model FLOPs only), two turns. XLA
+  counts a scan or fori body once and a cond as its larger branch, so its history holds one
+  rollout turn of one sampler pass, and its backward simulation one pass."""
+  cfg = dmd_config.get_config("toy")
+  cfg.model.update(layers=1, text_layers=1, remat="none")
+  cfg.data.update(num_turns=2, res=32)
+  m, S, res = cfg.model, cfg.dmd.student_steps, cfg.data.res
+  graphdef, params = nnx.split(build(m, nnx.Rngs(0)))
+  aux = dmd.init_aux(params, cfg, params)
+  row = pipeline.example_from_seed(0, split="train", res=res, num_turns=2, text_len=m.text_len)
+  batch = {k: row[k][None] for k in ("images", "tokens", "edit_masks", "identity_masks")}
+  rng = jax.random.key(0)
+  f = flops.turn_forward(m, res, cfg.causal.window)
+  text = lambda n: flops.text_forward(m, n)
+
+  # history. XLA keeps, of a 1-layer write, only what the layer's keys and values need (not
+  # even the instruction), so a write is counted in XLA's own measure of it; the turn's sampler
+  # is a fori loop, counted as one pass with the generator's instruction encoded once
+  mem = init_memory(m, 1, res, cfg.causal.window)
+  write = _xla_flops(lambda p: write_turn(nnx.merge(graphdef, p), mem, jnp.zeros((1, res, res, 3)),
+                                          encode(nnx.merge(graphdef, p), batch["tokens"][:, 0])), params)
+  assert write < 0.3 * f
+  parts = flops.dmd_parts(cfg, generator=True)
+  (_, w_src, _), (_, u_turn, _) = parts["source"], parts["rollout_turn"]
+  ours = w_src * write + (f + (u_turn - S) * write + text(1))
+  xla = _xla_flops(lambda p, a, b: dmd.history(p, graphdef, b, rng, cfg, a), params, aux, batch)
+  assert abs(ours - xla) / xla < 0.05, ("history", ours, xla)
+
+  ctx = dmd.history(params, graphdef, batch, rng, cfg, aux)
+  for generator in (True, False):
+    parts = flops.dmd_parts(cfg, generator)
+    ours = sum(u * f + text(l) for name, (_, u, l) in parts.items() if name in ("simulation", "target"))
+    grad = jax.value_and_grad(dmd.losses, argnums=(0, 1) if generator else 1, has_aux=True)
+    xla = _xla_flops(lambda p, c, a, x: grad(p, c, graphdef, x, rng, cfg, a, generator=generator),
+                     params, aux["critic"], aux, ctx)
+    assert abs(ours - xla) / xla < 0.05, (generator, ours, xla)
+  # the expectation over k and s: (K-1)/2 rollout turns and (S-1)/2 simulation passes
+  assert parts["rollout_turn"][0] == 0.5 and parts["simulation"][0] == (S - 1) / 2
