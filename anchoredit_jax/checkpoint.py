@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 from anchoredit_jax import distributed, integrity, sharding as sh
 from anchoredit_jax.errors import short
-from anchoredit_jax.models.model import abstract_split
+from anchoredit_jax.models.model import abstract_split, frozen_parts, gives_ema
 from configs.common import model_config
 
 
@@ -143,7 +143,8 @@ def load_params(workdir, step=None, mesh=None):
   """(cfg, graphdef, params, step) of `step` (default: the newest) of the run in `workdir`, or of
   the reference checkpoint there. A run's parameters restore straight onto `mesh` (any mesh or
   process count; default: this process's first device), sharded by the run's own rules; the
-  rest of its saved state (optimizer, EMA, teacher) is not read."""
+  rest of its saved state (optimizer, teacher, critic) is not read. A run that keeps an EMA of
+  its generator (stage 3b with dmd.ema_decay > 0) gives the EMA."""
   if is_reference(workdir):
     return load_reference(workdir)
   cfg = load_config(workdir)
@@ -163,6 +164,9 @@ def load_params(workdir, step=None, mesh=None):
       extra = {}
     check_config_fields(f"{workdir} step {step}", cfg, extra.get("config_fields"))
     target = {"params": sh.placed(abstract, sh.param_shardings(abstract, mesh, sh.config_rules(cfg)))}
+    if gives_ema(cfg):
+      frozen = frozen_parts(cfg.model)
+      target["aux"] = {"ema": {k: v for k, v in target["params"].items() if k not in frozen}}
     restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)
     try:
@@ -179,7 +183,10 @@ def load_params(workdir, step=None, mesh=None):
     raise ValueError(f"checkpoint {step} of {workdir} is damaged: {len(differ)} parameter array(s) "
                      f"differ from their saved checksums (e.g. {differ[0]}); resume the run (python -m "
                      "anchoredit_jax.train) to move it aside and fall back to an intact step")
-  return cfg, graphdef, state["params"], step
+  params = state["params"]
+  if gives_ema(cfg):
+    params = type(params)({**params, **state["aux"]["ema"]})
+  return cfg, graphdef, params, step
 
 
 def save_step(mngr, step, state, extra: dict):

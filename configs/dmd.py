@@ -31,6 +31,9 @@ def get_config(arg=None):
       # where stage 3's 2.0 made DMD far worse on the toy (RESULTS 2026-12-02); the critic has none
       guidance=6.0 if p in common.WAN_PRESETS else 1.0,
       generator_every=5,     # the critic learns every step, the generator every 5th (the authors')
+      # an EMA of the generator, moved after each of its updates: 0 keeps none (the authors'
+      # default); above 0 it is kept in the train state and is what the run gives for editing
+      ema_decay=0.0,
       t_min=0.02, t_max=0.98,  # where the scores are read (before the flow shift)
       critic_optim=dict(lr=1e-4, warmup_steps=20, end_lr=1e-4, weight_decay=0.0, b1=0.0, b2=0.999,
                         clip=10.0)))

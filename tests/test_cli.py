@@ -53,10 +53,11 @@ def runs(tmp_path_factory):
 
 def test_dmd_follows_the_chain_and_resumes_to_the_same_parameters(runs, image, tmp_path):
   """Stage 3b from the distill run (generator) and the causal run (real score, critic); two
-  steps, then two more after a resume, equal four in one run; the result edits like stage 3."""
+  steps, then two more after a resume, equal four in one run (the generator EMA it gives too);
+  the result edits like stage 3."""
   from benchmark.faults import final_params
   dmd = ["anchoredit_jax.train", "--config=configs/dmd.py:smoke", f"--config.init_from={runs / 's3'}",
-         f"--config.dmd.real_from={runs / 's2'}", "--config.eval.pairs=0"]
+         f"--config.dmd.real_from={runs / 's2'}", "--config.eval.pairs=0", "--config.dmd.ema_decay=0.5"]
   wrong = run(*dmd, f"--workdir={tmp_path / 'x'}", f"--config.dmd.real_from={tmp_path / 'none'}")
   assert wrong.returncode == 2 and "dmd.real_from=" in last_line(wrong), wrong.stderr[-2000:]
   assert "configs/causal.py:smoke" in last_line(wrong) and not (tmp_path / "x").exists()

@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from anchoredit_jax import flow, sharding as sh
-from anchoredit_jax.checkpoint import restore_step, save_step
+from anchoredit_jax.checkpoint import load_params, restore_step, save_step
 from anchoredit_jax.data import pipeline
 from anchoredit_jax.editing import turn_velocity, write_turn
 from anchoredit_jax.models.model import init_memory, prev_cond
@@ -162,6 +162,37 @@ def test_a_checkpoint_restores_generator_critic_and_both_optimisers(tmp_path):
   _, m_saved = tr.step(state, batch, jax.random.key(1))
   _, m_back = tr.step(back, batch, jax.random.key(1))
   assert float(m_saved["loss"]) == float(m_back["loss"])
+
+
+def test_the_generator_ema_moves_on_generator_steps_and_is_what_the_run_gives(tmp_path):
+  cfg = _config()
+  cfg.dmd.ema_decay = 0.5
+  start = random_model(cfg.model)[0]
+  # critic, both, critic, both; the generator's first update has learning rate 0 (warm-up), so
+  # its parameters move on the second only: ema = (start + start) / 2, then (start + new) / 2
+  tr, state, metrics = _steps(cfg, one_device_mesh(), start, None, n=4)
+  assert [float(m["generator_step"]) for m in metrics] == [0.0, 1.0, 0.0, 1.0]
+  one = jax.device_get(state)
+  trained = dmd.trainable(one["params"], cfg)
+  moved = False
+  for e, s0, p in zip(jax.tree.leaves(one["aux"]["ema"]), jax.tree.leaves(dmd.trainable(start, cfg)),
+                      jax.tree.leaves(trained)):
+    np.testing.assert_allclose(e, 0.5 * s0 + 0.5 * p, rtol=1e-6, atol=1e-7)
+    moved |= not np.array_equal(p, s0)
+  assert moved
+  (tmp_path / "config.json").write_text(cfg.to_json())
+  mngr = ocp.CheckpointManager(tmp_path / "checkpoints", item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
+  save_step(mngr, 4, state, {})
+  mngr.wait_until_finished()
+  mngr.close()
+  _, _, given, step = load_params(str(tmp_path))
+  assert step == 4
+  for a, b in zip(jax.tree.leaves(jax.device_get(given)), jax.tree.leaves(dmd._with_frozen(one["aux"]["ema"], one["params"]))):
+    np.testing.assert_array_equal(a, b)
+  cfg.dmd.ema_decay = 1.0
+  with pytest.raises(ValueError, match="dmd.ema_decay=1.0"):
+    dmd.init_aux(start, cfg, start)
 
 
 def test_regression_warm_up_trains_the_generator_on_the_ground_truth_alone():

@@ -41,6 +41,13 @@ def frozen_parts(cfg) -> tuple[str, ...]:
   return (("text",) if cfg.text_encoder == "umt5" else ()) + (("vae",) if cfg.autoencoder == "wan_vae" else ())
 
 
+def gives_ema(cfg) -> bool:
+  """Whether a run of this (whole) config keeps an EMA of its trainable parts in aux["ema"] as
+  the model it gives for editing: stage 3b with dmd.ema_decay > 0. (Stage 3's EMA only makes
+  its consistency targets.)"""
+  return cfg.get("stage") == "dmd" and cfg.get("dmd", {}).get("ema_decay", 0.0) > 0.0
+
+
 def config_kwargs(sub) -> dict:
   """A config sub-dict (umt5, vae) as constructor keyword arguments, sequences as tuples."""
   return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in sub.items()}

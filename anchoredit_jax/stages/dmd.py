@@ -16,6 +16,8 @@ the generator's own outputs. Per step, with one target turn k for the whole batc
      clean-image predictions; g = (fake - real) / mean|x̂ - real| per sample; the loss
      0.5 ||x̂ - stop_grad(x̂ - g)||² has gradient g at x̂, moving the generator's outputs from
      where the critic says they are to where the real score says the data is.
+With dmd.ema_decay > 0 an EMA of the generator, moved after each of its updates, is kept beside
+them and is what the run gives for editing (checkpoint.load_params).
 Both players' gradients come from one backward pass (their losses only meet through stop
 gradients); on the other steps only the critic's is taken. Each has its own AdamW; the
 critic's state lives in the train state's `aux` beside the real score's parameters.
@@ -33,6 +35,7 @@ from flax import nnx
 
 from anchoredit_jax import flow
 from anchoredit_jax.editing import encode, generate_turn_fast, guided_velocity, turn_velocity, write_turn
+from anchoredit_jax.models.model import gives_ema
 from anchoredit_jax.optim import apply_gradients, make_optimizer
 from anchoredit_jax.stages.causal import rollout_context, rollout_inputs, training_context
 from anchoredit_jax.stages.distill import _with_frozen, consistency_x0, trainable
@@ -58,13 +61,26 @@ def optimizer_steps(cfg) -> int:
 
 
 def init_aux(params, cfg, teacher):
-  """The frozen real score and the critic, both starting as `teacher` (stage 2), and the
-  critic's optimizer state."""
+  """The frozen real score and the critic, both starting as `teacher` (stage 2), the critic's
+  optimizer state and, with dmd.ema_decay > 0, the generator's EMA (starting as `params`)."""
   if cfg.dmd.objective not in OBJECTIVES:
     raise ValueError(f"dmd.objective={cfg.dmd.objective!r}; choose from {OBJECTIVES}")
+  if not 0.0 <= cfg.dmd.get("ema_decay", 0.0) < 1.0:
+    raise ValueError(f"dmd.ema_decay={cfg.dmd.ema_decay}; choose 0 (no EMA) or a decay in (0, 1)")
   real = trainable(teacher, cfg)
   critic = jax.tree.map(jnp.copy, real)
-  return {"real": real, "critic": critic, "critic_opt": critic_optimizer(cfg).init(critic)}
+  aux = {"real": real, "critic": critic, "critic_opt": critic_optimizer(cfg).init(critic)}
+  if gives_ema(cfg):
+    aux["ema"] = jax.tree.map(jnp.copy, trainable(params, cfg))
+  return aux
+
+
+def _moved_ema(aux, params, moved, cfg):
+  """aux with the generator's EMA moved toward `params` where `moved` (a generator update)."""
+  if not gives_ema(cfg):
+    return aux
+  new = optax.incremental_update(trainable(params, cfg), aux["ema"], 1.0 - cfg.dmd.ema_decay)
+  return {**aux, "ema": jax.tree.map(lambda n, o: jnp.where(moved, n, o), new, aux["ema"])}
 
 
 def _models(params, critic, graphdef, aux, cfg):
@@ -190,7 +206,8 @@ def update(state, batch, rng, cfg, graphdef, tx, *, store=None):
         params, aux["critic"], graphdef, ctx, rng, cfg, aux, store=store)
     new_params, opt_state = step_gen(g_p)
     metrics["grad_norm"] = optax.tree.norm(g_p)
-    return {"params": new_params, "opt_state": opt_state, "aux": aux}, metrics
+    return {"params": new_params, "opt_state": opt_state,
+            "aux": _moved_ema(aux, new_params, True, cfg)}, metrics
 
   def both(_):
     (_, m), (g_p, g_c) = jax.value_and_grad(losses, argnums=(0, 1), has_aux=True)(
@@ -208,6 +225,6 @@ def update(state, batch, rng, cfg, graphdef, tx, *, store=None):
   metrics["critic_grad_norm"] = optax.tree.norm(g_c)
   metrics["grad_norm"] = jnp.sqrt(metrics["critic_grad_norm"] ** 2 + metrics["generator_grad_norm"] ** 2)
   metrics["generator_step"] = is_gen.astype(jnp.float32)
-  return {"params": new_params, "opt_state": opt_state,
-          "aux": {**aux, "critic": critic, "critic_opt": critic_opt}}, metrics
+  aux = _moved_ema({**aux, "critic": critic, "critic_opt": critic_opt}, new_params, is_gen, cfg)
+  return {"params": new_params, "opt_state": opt_state, "aux": aux}, metrics
 
