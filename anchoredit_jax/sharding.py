@@ -11,6 +11,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -56,7 +57,6 @@ def make_mesh(shape: dict, devices=None) -> Mesh:
                      f"slices); set --config.mesh.* so the product matches")
   if math.prod(dcn) == 1:
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
-  from jax.experimental import mesh_utils
   slices = {getattr(d, "slice_index", 0) for d in devices}  # CPU/GPU devices are all "slice 0"
   grid = mesh_utils.create_hybrid_device_mesh(
       sizes, dcn, devices, process_is_granule=len(slices) < math.prod(dcn))

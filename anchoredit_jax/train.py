@@ -10,6 +10,7 @@ config.json, and summary.json at the end.
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from anchoredit_jax import cli, distributed, errors, growth, sharding as sh
@@ -334,7 +336,6 @@ class MetricLog:
     dropped, so metrics.jsonl has one row per step and kind."""
     self.on = jax.process_index() == 0
     if self.on:
-      from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start or None)
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_rows_after(path, start)
@@ -379,7 +380,6 @@ def _check_config(workdir, cfg):
 
 def git_state() -> dict:
   """{'commit': HEAD, 'dirty': uncommitted changes to tracked files} of the code being run."""
-  import subprocess
   here = os.path.dirname(os.path.abspath(__file__))
   git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10)
   try:

@@ -26,16 +26,20 @@ import time
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 from flax import nnx
 
-from anchoredit_jax import cli
-from anchoredit_jax import aot, flops, sharding as sh
-from anchoredit_jax.data.tokenize import tokenize
-from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn, tree_bytes
-from anchoredit_jax.models.model import build
-from anchoredit_jax.train import Trainer, make_data
-from benchmark import opprofile
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from anchoredit_jax import cli  # noqa: E402
+from anchoredit_jax import aot, flops, sharding as sh  # noqa: E402
+from anchoredit_jax.data.tokenize import tokenize  # noqa: E402
+from anchoredit_jax.inference import EditSession, Sampler, bidirectional_turn, tree_bytes  # noqa: E402
+from anchoredit_jax.models.model import build  # noqa: E402
+from anchoredit_jax.train import Trainer, make_data  # noqa: E402
+from benchmark import opprofile  # noqa: E402
 
 INSTRUCTION = "make the red circle blue"
 
@@ -208,9 +212,6 @@ def editing(turn_list, reps, teacher_steps, preset="toy", attention=""):
 
 
 def plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
   for name, rs in rows.items():
     t = [r["turn"] for r in rs]

@@ -95,3 +95,36 @@ def test_no_package_import_is_hidden_in_a_function():
                   if not top and (n, t) not in DEFERRED_OK})
   assert not hidden, f"imports inside functions (move them to the top of the module): {hidden}"
 
+
+
+# third-party imports that may stay inside a function, each an optional or heavy dependency only
+# one code path needs: {(module, imported top-level name): why}
+OPTIONAL_DEFERRED = {
+    ("anchoredit_jax.data.pipeline", "jax"): "grain's worker processes import the pipeline, not jax",
+    ("anchoredit_jax.data.shapes", "skimage"): "photo backgrounds only",
+    ("anchoredit_jax.data.tokenize", "transformers"): "umT5's tokenizer only (Wan presets)",
+    ("benchmark.vs_pytorch", "torch"): "the PyTorch comparison, a test-only extra",
+    ("benchmark.vs_pytorch", "diffusers"): "the PyTorch comparison, a test-only extra",
+}
+
+
+def function_level_imports(path) -> set:
+  """{top-level names} a module imports inside its functions (not at module level)."""
+  tree = ast.parse(path.read_text())
+  top = {id(n) for n in tree.body} | {id(n) for s in tree.body if isinstance(s, (ast.If, ast.Try))
+                                      for n in ast.walk(s)}
+  out = set()
+  for node in ast.walk(tree):
+    if id(node) in top or not isinstance(node, (ast.Import, ast.ImportFrom)) or getattr(node, "level", 0):
+      continue
+    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+    out |= {n.split(".")[0] for n in names}
+  return out
+
+
+def test_only_optional_dependencies_are_imported_inside_functions():
+  deferred = {(n, t) for n, p in modules().items() for t in function_level_imports(p)
+              if t not in PACKAGES}
+  unexpected = sorted(deferred - set(OPTIONAL_DEFERRED))
+  assert not unexpected, f"imports inside functions that belong at the top of the module: {unexpected}"
+  assert not set(OPTIONAL_DEFERRED) - deferred, "OPTIONAL_DEFERRED lists an import no longer deferred"

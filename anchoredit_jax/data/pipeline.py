@@ -5,8 +5,10 @@ iterator state is a single integer (cheap to checkpoint with the model). Renderi
 read threads so it overlaps with XLA compute on the accelerator.
 """
 import json
+import time
 
 import grain
+from absl import flags
 import numpy as np
 
 from anchoredit_jax.data import shapes
@@ -98,8 +100,7 @@ def make_dataset(*, split, res, num_turns, batch_size, text_len, seed, ops=None,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=worker_threads,
                                                prefetch_buffer_size=prefetch_batches))
   if worker_processes > 0:
-    from absl import flags  # grain workers read absl flags; scripts without absl.app never parse
-    if not flags.FLAGS.is_parsed():
+    if not flags.FLAGS.is_parsed():  # grain workers read absl flags; scripts without absl.app never parse
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_processes,
                                                           per_worker_buffer_size=2))
@@ -118,7 +119,6 @@ def restore_iterator_state(it, state) -> None:
 
 def benchmark(num_batches=50, **kw) -> float:
   """Batches per second of `make_dataset(**kw)` after one warm-up batch."""
-  import time
   it = iter(make_dataset(**kw))
   next(it)
   start = time.perf_counter()

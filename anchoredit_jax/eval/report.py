@@ -4,9 +4,14 @@ trajectories, and all of them written out."""
 import json
 import os
 
+import matplotlib
 import numpy as np
+from PIL import Image, ImageDraw
 
-from anchoredit_jax.eval import own_data
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from anchoredit_jax.eval import own_data  # noqa: E402
 
 
 def report_turns(T: int) -> list:
@@ -165,9 +170,6 @@ def own_table(results: dict, T: int) -> str:
 def drift_plot(results: dict, path: str):
   """Identity PSNR and edit success against turn, a line per system with its 95% band; an oracle
   run dashed in the same colour."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   panels = ((("identity_psnr", 1, "dB", "identity PSNR (never-edited pixels vs source), 95% band"),
              ("success", 100, "%", "edit success, 95% band")) if masked(results) else
             [(k, 1, "", own_data.MEANING[k]) for k in own_data.PLOTTED
@@ -194,7 +196,6 @@ def drift_plot(results: dict, path: str):
 
 def contact_sheet(seqs, trajectories: dict, path: str, cell: int = 48):
   """Per kept sequence: the ground-truth row, then one row per system; turns left to right."""
-  from PIL import Image, ImageDraw
   names = list(trajectories)
   keep = min(t.shape[0] for t in trajectories.values())
   T = seqs["tokens"].shape[1]
