@@ -1,7 +1,7 @@
 """A long editing session on one held-out ShapesEdit scene, run through the `edit` command, scored
 turn by turn against the exact ground truth.
 
-  python -m benchmark.edit_demo --checkpoint runs/toy/distill --turns 16 --out benchmark/results/edit/latest
+  python -m benchmark.edit_demo --checkpoint checkpoints/toy/distill --turns 16 --out benchmark/results/edit/latest
 
 Writes the `edit` command's outputs (one PNG per turn, strip.png, session.json/npz) plus
 compare.png (model row over ground-truth row) and scores.json (per turn: edit success, edit MAE,
@@ -24,7 +24,7 @@ from anchoredit_jax.eval import metrics
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=cli.description(__doc__))
-  ap.add_argument("--checkpoint", default="runs/toy/distill")
+  ap.add_argument("--checkpoint", default="checkpoints/toy/distill")
   ap.add_argument("--turns", type=int, default=16)
   ap.add_argument("--seed", type=int, default=0, help="held-out sequence seed")
   ap.add_argument("--res", type=int, default=32)

@@ -1,7 +1,7 @@
 """Per-turn latency and memory of editing sessions: 4-step student vs N-step CFG teacher, and
 turn 2 vs turn T of the same session.
 
-  python -m benchmark.edit_latency [--checkpoint runs/toy/distill] [--turns 20] [--sessions 5]
+  python -m benchmark.edit_latency [--checkpoint checkpoints/toy/distill] [--turns 20] [--sessions 5]
 
 Timing does not depend on the weights' values, so without --checkpoint the toy preset's model is
 built with random weights (said in the output). Each turn is timed to completion
@@ -80,7 +80,7 @@ def time_session(make, turns):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=cli.description(__doc__))
-  ap.add_argument("--checkpoint", default=None, help="a causal or distill run (default: random toy weights)")
+  ap.add_argument("--checkpoint", default=None, help="a causal or distill run or reference checkpoint (default: random toy weights)")
   ap.add_argument("--turns", type=int, default=20)
   ap.add_argument("--sessions", type=int, default=5)
   ap.add_argument("--teacher-steps", type=int, default=50)

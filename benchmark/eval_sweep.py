@@ -1,6 +1,6 @@
 """Held-out stage-1 numbers of one saved run under several sampler settings, side by side.
 
-  python -m benchmark.eval_sweep runs/toy/pretrain --steps=10,20,50 --guidance=1,1.5,2,3
+  python -m benchmark.eval_sweep checkpoints/toy/pretrain --steps=10,20,50 --guidance=1,1.5,2,3
 
 Every setting samples the same held-out pairs from the same noise seed; only the sampler changes.
 Prints a table and writes `<workdir>/eval_sweep.json`.

@@ -23,7 +23,7 @@ import jax
 import matplotlib
 import numpy as np
 
-from anchoredit_jax import flops
+from anchoredit_jax import cli, flops
 from anchoredit_jax.data.shapes import make_sequence
 from anchoredit_jax.inference import load_edit_run, student_steps, tree_bytes
 from anchoredit_jax.serve import BUCKETS, Engine
@@ -111,7 +111,7 @@ def plot(rows, floor, path):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+  ap = argparse.ArgumentParser(description=cli.description(__doc__),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--checkpoint", default="checkpoints/toy/distill", help="a stage-2 or 3 run or reference")
   ap.add_argument("--clients", default="1,4,16,64", help="client counts, comma-separated")

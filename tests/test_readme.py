@@ -8,8 +8,10 @@ checked as written without being run: `python -m` commands with ANCHOREDIT_ARGS_
 parses its flags and its --config with overrides, then exits), make targets with `make -n`,
 shell scripts with `bash -n`. Only the paths of data a test cannot have are replaced (a tiny
 random Wan2.1 folder stands in for Wan2.1-T2V-1.3B-Diffusers)."""
+import ast
 import concurrent.futures
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -22,9 +24,10 @@ from tests.helpers import tiny_wan_folder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = re.compile(r"<!-- readme-example[^>]*-->\s*\n```(bash|python)\n(.*?)\n```", re.S)
 BLOCK = re.compile(r"```bash\n(.*?)\n```", re.S)
-INLINE = re.compile(r"`((?:python -m|make|bash) [^`]+)`")
+INLINE = re.compile(r"`((?:python -m|make|bash|launch/\S+\.sh|sbatch) [^`]+|\.ci/run)`")
 # README commands this test cannot check, and why; any other kind of command fails it
-NOT_CHECKED = {"pip install": "installs a package (the TPU wheel)"}
+NOT_CHECKED = {"pip install": "installs a package (the TPU wheel)",
+               "launch/gke/": "shown with placeholders (...) for a cluster's own arguments"}
 
 
 def examples(text):
@@ -100,6 +103,11 @@ def test_readme_commands_parse_as_written(tmp_path_factory):
       run, want = cmd.replace("make ", "make -n ", 1), ""
     elif cmd.startswith("bash "):
       run, want = cmd.replace("bash ", "bash -n ", 1), ""
+    elif cmd.startswith("launch/"):  # a launcher: what it would run, printed by its --dry-run
+      script, _, rest = run.partition(" ")
+      run, want = f"bash {script} --dry-run {rest}", "anchoredit_jax.train"
+    elif cmd.startswith(("sbatch ", ".ci/run")):
+      run, want = "bash -n " + cmd.removeprefix("sbatch "), ""
     else:
       pytest.fail(f"a README command this test does not know how to check: {cmd}")
     todo.append((cmd, run, want))
@@ -138,3 +146,24 @@ def test_layout_names_every_module():
   assert names, "git ls-files found nothing"
   missing = sorted(n for n in names if n not in layout)
   assert not missing, f"modules the README's Layout does not name: {missing}"
+  tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+  top = {f.split("/")[0] for f in tracked} - {".gitignore", "README.md"}
+  extra = {"helpers.py", "golden/", "Dockerfile.dockerignore", "constraints.txt", "setup.py"}
+  missing = sorted(n for n in top | extra if n not in layout)
+  assert not missing, f"top-level entries the README's Layout does not name: {missing}"
+
+
+def test_every_command_describes_itself_in_whole_sentences():
+  """Each command's --help opens with its module docstring's first paragraph (cli.description,
+  or absl_flags_parser for the absl ones), which ends a sentence: no description cut at a line."""
+  bad = []
+  for pkg in ("anchoredit_jax", "benchmark"):
+    for p in sorted(pathlib.Path(ROOT, pkg).rglob("*.py")):
+      src = p.read_text()
+      if '__name__ == "__main__"' not in src or not ("ArgumentParser(" in src or "app.run(" in src):
+        continue
+      first = cli.description(ast.get_docstring(ast.parse(src)) or "")
+      if not first.endswith((".", ".)")) or not ("cli.description" in src or "absl_flags_parser" in src):
+        bad.append(f"{p.relative_to(ROOT)}: {first[-60:]!r}")
+  assert not bad, "commands whose --help description is cut or made by hand:\n" + "\n".join(bad)

@@ -1,6 +1,7 @@
 """Contact sheet of ShapesEdit sequences: one row per sequence, one column per turn, the
 instruction above each turn and the edit mask outlined in red. With --degradation, what history
-degradation (anchoredit_jax/degrade.py) does to context turns instead.
+degradation (anchoredit_jax/degrade.py) does to context turns instead; with --source, one
+held-out source image as a PNG to edit, its instructions printed.
 
   python -m anchoredit_jax.data.preview --out docs/shapesedit.png --turns 6 --res 128
   python -m anchoredit_jax.data.preview --degradation --out docs/degradation.png --res 32

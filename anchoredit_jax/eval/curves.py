@@ -1,7 +1,7 @@
 """Training curves from a run's metrics.jsonl: held-out edit success and PSNR against training
 minutes (evaluation time excluded), as a PNG.
 
-  python -m anchoredit_jax.eval.curves runs/toy/pretrain --out benchmark/results/train/latest/curves.png
+  python -m anchoredit_jax.eval.curves checkpoints/toy/pretrain --out benchmark/results/train/latest/curves.png
 """
 import argparse
 import json

@@ -1,6 +1,6 @@
 """A picture of what a stage-1 model does on held-out pairs: source | model | ground truth.
 
-  python -m anchoredit_jax.eval.samples runs/toy/pretrain --out runs/toy/pretrain/samples.png
+  python -m anchoredit_jax.eval.samples checkpoints/toy/pretrain --out /tmp/samples.png
 """
 import argparse
 import sys
