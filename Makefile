@@ -10,7 +10,7 @@ SHELL  := /bin/bash
 REPRO  := runs/toy
 REF    := checkpoints/toy
 
-.PHONY: install test train quickstart reproduce clean
+.PHONY: install browser test train quickstart demo screenshot reproduce clean
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(PY):
 # per-package noise about local mirror index folders that lack a project.
 $(STAMP): setup.py constraints.txt | $(PY)
 	set -o pipefail; \
-	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test,torch]' 2>&1 \
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test,torch,app]' 2>&1 \
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 
@@ -29,10 +29,26 @@ $(STAMP): setup.py constraints.txt | $(PY)
 # TEST_WORKERS=0 for one process), each taking whole files so module fixtures are built once.
 # pytest exits 5 when it collects nothing; that must fail, loudly.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) browser
 	@rc=0; $(PY) -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAIL: pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
+
+# Debian's chromium for the web app's browser test (tests/test_app.py; playwright's own browser
+# download is not used). Installed with apt-get when missing; if that fails, so does make test.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@[ -x $(CHROMIUM) ] || { echo "installing chromium for the browser test (apt-get)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }
+
+# The web app on http://127.0.0.1:7860 over the shipped toy student.
+demo: $(STAMP)
+	$(PY) -m anchoredit_jax.app --checkpoint $(REF)/distill
+
+# docs/app.png, the README's picture of the app, from the browser test.
+screenshot: $(STAMP) browser
+	ANCHOREDIT_APP_SCREENSHOT=docs/app.png $(PY) -m pytest -q tests/test_app.py -k browser
 
 # Stage-1 training, default toy preset.
 train: $(STAMP)

