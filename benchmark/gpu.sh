@@ -9,8 +9,9 @@
 # 2. runs the cuDNN attention parity test, then benchmark/speed.py at a Wan2.1-1.3B-sized model
 #    with random weights, 624x624 = 1521 tokens a turn (stage-1 step with its time per XLA op
 #    kind, editing to turn 8; again with cuDNN attention), then at the `small` preset (every
-#    stage, editing to turn 32); each prints the machine, the command and its table, and writes
-#    JSON. About 9 minutes at most.
+#    stage, editing to turn 32), then the serving benchmark at the `small` preset (1, 16 and 64
+#    clients, batched against one at a time); each prints the machine, the command and its
+#    table, and writes JSON. About 12 minutes at most.
 # Goals on one H100 (issue 5): a 4-step editing turn of the 1.3B model in <= 0.1 s, and training
 # MFU >= 40% of the measured bf16 peak.
 # .whl/ is not tracked by git (28 MB of python-3.12 wheels: flax, optax, orbax-checkpoint, grain,
@@ -71,6 +72,7 @@ set +e +o pipefail
 if [ "$DRY" = 1 ]; then
   step dry 600 "$PY" -m benchmark.speed --presets smoke --stages pretrain,causal --turns 1,2 --reps 1 \
     --teacher-steps 2 --matmul 256 --profile --out "$OUTDIR/dry"
+  step dry_serve 300 "$PY" -m benchmark.serve --preset smoke --clients 1,2 --turns 2 --out "$OUTDIR/dry_serve"
   exit 0
 fi
 step cudnn_parity 45 env JAX_PLATFORMS=cuda "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_speed_paths.py -k cudnn
@@ -80,4 +82,6 @@ step wan1.3b_cudnn 100 "$PY" -m benchmark.speed --presets wan1.3b --stages pretr
   --reps 5 --teacher-steps 4 --attention cudnn --out "$OUTDIR/wan1.3b_cudnn"
 step small 240 "$PY" -m benchmark.speed --presets small --turns 1,2,8,32 --reps 5 \
   --out "$OUTDIR/small"
-echo "gpu.sh: logs and JSON under $OUTDIR (wan1.3b*, small*)"
+step serve_small 180 "$PY" -m benchmark.serve --preset small --clients 1,16,64 --turns 8 \
+  --out "$OUTDIR/serve_small"
+echo "gpu.sh: logs and JSON under $OUTDIR (wan1.3b*, small*, serve_small)"

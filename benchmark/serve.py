@@ -2,6 +2,7 @@
 
   python -m benchmark.serve                                   # toy student, 1/4/16/64 clients
   python -m benchmark.serve --clients 1,16 --turns 8 --out /tmp/serve
+  python -m benchmark.serve --preset small --out $OUT/serve_small   # random weights (gpu.sh)
 
 Side by side in one run, on the same sessions (held-out ShapesEdit scenes and their instructions):
 "one at a time" serves every turn alone (serve.Engine with the single bucket 1, no gather wait);
@@ -28,7 +29,7 @@ from anchoredit_jax.data.shapes import make_sequence
 from anchoredit_jax.inference import load_edit_run, student_steps, tree_bytes
 from anchoredit_jax.serve import BUCKETS, Engine
 from anchoredit_jax.session import EditTree
-from benchmark.speed import matmul_peak, print_header
+from benchmark.speed import matmul_peak, print_header, random_editor
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -117,11 +118,14 @@ def main(argv=None):
   ap.add_argument("--clients", default="1,4,16,64", help="client counts, comma-separated")
   ap.add_argument("--turns", type=int, default=16, help="turns per session")
   ap.add_argument("--wait-ms", type=float, default=15.0, help="the batched mode's gather wait")
+  ap.add_argument("--preset", default="", help="random weights of this preset's student instead of "
+                  "--checkpoint (timing does not depend on the weights' values; gpu.sh: small)")
   ap.add_argument("--out", default="benchmark/results/serve/latest")
   args = ap.parse_args(argv)
   command = print_header("serve", argv)
   clients = [int(c) for c in args.clients.split(",")]
-  run = load_edit_run(args.checkpoint)
+  run = random_editor(args.preset) if args.preset else load_edit_run(args.checkpoint)
+  print(f"weights: {'random ' + args.preset if args.preset else args.checkpoint}", flush=True)
   cfg = run[0]
   peak = matmul_peak(2048)
   turn_flops = flops.edit_turn(cfg.model, cfg.data.res, cfg.causal.window, student_steps(cfg))

@@ -115,6 +115,13 @@ def stage_config(stage, preset, attention=""):
   return cfg
 
 
+def random_editor(preset, attention=""):
+  """(cfg, graphdef, params) of a stage-3 student of `preset` with random weights: editing's
+  timing does not depend on the weights' values."""
+  cfg = stage_config("distill", preset, attention)
+  return (cfg, *nnx.split(build(cfg.model, nnx.Rngs(0))))
+
+
 def compiled_step(cfg):
   """A stage's train step on one fixed batch over all local devices (data-parallel): (one() that
   runs a step and returns its metrics, the compiled program)."""
@@ -158,8 +165,7 @@ def train_step(stage, preset, peak, reps, dtype=None, attention="", profile=""):
 
 
 def editing(turn_list, reps, teacher_steps, preset="toy", attention=""):
-  cfg = stage_config("distill", preset, attention)
-  graphdef, params = nnx.split(build(cfg.model, nnx.Rngs(0)))
+  cfg, graphdef, params = random_editor(preset, attention)
   res = cfg.data.res
   src = np.asarray(jax.random.randint(jax.random.key(1), (res, res, 3), 0, 256), np.uint8)
   student = Sampler("student", cfg.distill.student_steps, 1.0, cfg.flow.shift)
