@@ -185,6 +185,8 @@ def test_two_processes_agree_on_every_batch_shape(tmp_path):
   assert seen[0] == seen[1] and len(seen[0]) >= 4 and len(set(seen[0])) >= 2
   with pytest.raises(ValueError, match="max_turns"):
     _batcher(wds.Source(paths), max_turns=None, agree=make_agree(0))
+  with pytest.raises(ValueError, match="num_turns=0: a multi-turn batch needs at least one edit"):
+    _batcher(wds.Source(paths), max_turns=0)
 
 
 def test_pairs_for_stage_1_make_every_turn_its_own_example(tmp_path):

@@ -50,6 +50,9 @@ class BucketBatches(grain.DatasetIterator):
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if language not in wds.LANGUAGES + ("random",):
       raise ValueError(f"language {language!r}: give one of {wds.LANGUAGES + ('random',)}")
+    if max_turns is not None and max_turns < 1:
+      raise ValueError(f"data.num_turns={max_turns}: a multi-turn batch needs at least one edit a "
+                       "sequence; give 1 or more")
     if agree is not alone and max_turns is None and not pairs:
       raise ValueError("several processes need data.max_turns (the turn counts must be known)")
     if not len(source):
