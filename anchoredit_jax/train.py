@@ -25,7 +25,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from anchoredit_jax import cli, distributed, errors, growth, sharding as sh
@@ -336,6 +335,7 @@ class MetricLog:
     dropped, so metrics.jsonl has one row per step and kind."""
     self.on = jax.process_index() == 0
     if self.on:
+      from tensorboardX import SummaryWriter  # deferred: it imports torch when installed (seconds)
       self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start or None)
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_rows_after(path, start)

@@ -103,6 +103,7 @@ OPTIONAL_DEFERRED = {
     ("anchoredit_jax.data.pipeline", "jax"): "grain's worker processes import the pipeline, not jax",
     ("anchoredit_jax.data.shapes", "skimage"): "photo backgrounds only",
     ("anchoredit_jax.data.tokenize", "transformers"): "umT5's tokenizer only (Wan presets)",
+    ("anchoredit_jax.train", "tensorboardX"): "it imports torch where torch is installed: 4 s a process",
     ("benchmark.vs_pytorch", "torch"): "the PyTorch comparison, a test-only extra",
     ("benchmark.vs_pytorch", "diffusers"): "the PyTorch comparison, a test-only extra",
 }
