@@ -221,7 +221,8 @@ def make_data(cfg, split="train", seed=None):
       split=split, res=d.res, num_turns=d.num_turns, batch_size=cfg.train.batch_size // jax.process_count(),
       text_len=cfg.model.text_len, tokenizer=tokenizer_of(cfg.model),
       seed=cfg.seed if seed is None else seed, ops=tuple(d.ops) or None,
-      background=d.background, worker_threads=d.threads, prefetch_batches=d.prefetch)
+      background=d.background, worker_threads=d.threads, worker_processes=d.get("workers", 0),
+      prefetch_batches=d.prefetch)
 
 
 def own_data(cfg, seed=None):
@@ -248,7 +249,7 @@ def own_data(cfg, seed=None):
       max_turns=None if cfg.stage == "pretrain" else d.num_turns,  # stage 1: every turn a pair
       language=d.language, text_len=m.text_len, tokenizer=tokenizer_of(m),
       seed=cfg.seed if seed is None else seed, read_threads=d.threads, prefetch=d.prefetch,
-      agree=agree, pairs=cfg.stage == "pretrain")
+      read_workers=d.get("workers", 0), agree=agree, pairs=cfg.stage == "pretrain")
   say(f"data: {len(source)} samples in this process's part of {d.shards}, {len(it.buckets)} "
       f"aspect-ratio buckets, at most {it.variants} batch shapes (compiled step variants)")
   return it

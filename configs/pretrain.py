@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       res={"wan1.3b": 480, "wan14b": 480, "small": 64}.get(p, 32), num_turns=1, background="procedural", ops=(),
       threads=1, prefetch=4,
+      workers=0,  # reader processes (grain mp_prefetch) beside the read threads; 0: threads only
       text_store="",  # a folder of stored instruction embeddings (data/text_store.py; frozen umT5)
       # source="wds": your own multi-turn data in WebDataset shards (`shards`: a glob or a
       # {"resolved_files": [...]} JSON; README, "Training on your own multi-turn data"), cropped

@@ -159,6 +159,28 @@ def test_a_restored_iterator_continues_exactly(tmp_path):
   assert again.counts == ref.counts
 
 
+def test_reader_processes_give_the_batches_of_threads_and_resume_only_as_saved(tmp_path):
+  source = wds.Source(_mixed_shards(tmp_path))
+  ref = _batcher(source, num_epochs=2)
+  want = [next(ref) for _ in range(12)]
+  it = _batcher(source, num_epochs=2, read_workers=2)
+  got = [next(it) for _ in range(5)]
+  state = json.loads(json.dumps(it.get_state()))
+  it.close()
+  again = _batcher(source, num_epochs=2, read_workers=2)
+  again.set_state(state)
+  got += [next(again) for _ in range(7)]
+  for a, b in zip(want, got, strict=True):
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert again.counts == ref.counts and again.counts["bad_json"] == 2  # carried over the resume
+  again.close()
+  with pytest.raises(ValueError, match="saved with data.workers=2; resume with that many"):
+    _batcher(source, read_workers=0).set_state(state)
+  with pytest.raises(ValueError, match="data.workers=-1"):
+    _batcher(source, read_workers=-1)
+
+
 def test_two_processes_agree_on_every_batch_shape(tmp_path):
   paths = _mixed_shards(tmp_path)
   barrier, slots, seen = threading.Barrier(2), [None, None], [[], []]

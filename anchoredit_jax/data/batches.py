@@ -1,7 +1,7 @@
 """Batches of multi-turn samples per (turns, height, width) bucket, with a checkpointable position.
 
-Samples are read in a seeded order (a new permutation each epoch) by grain's prefetching threads,
-each parsed (`wds.parse`), given its aspect-ratio bucket, cropped and resized (`buckets.py`) and
+Samples are read in a seeded order (a new permutation each epoch) by grain's prefetching threads
+(and with `read_workers` by that many processes, the order unchanged), each parsed (`wds.parse`), given its aspect-ratio bucket, cropped and resized (`buckets.py`) and
 tokenized. A sample waits in its bucket until the bucket holds a batch. Bad samples are skipped,
 counted per defect kind (`counts`, cumulative over resumes) and warned about once per kind.
 
@@ -21,7 +21,7 @@ import sys
 import grain
 import numpy as np
 
-from anchoredit_jax.data import buckets as bk, wds
+from anchoredit_jax.data import buckets as bk, pipeline, wds
 from anchoredit_jax.data.tokenize import tokenize_batch
 
 
@@ -35,51 +35,25 @@ def alone(counts):
   return np.asarray(counts)[None]
 
 
-class BucketBatches(grain.DatasetIterator):
-  """Batches {"images": uint8 [B, T+1, h, w, 3], "tokens": int32 [B, T, text_len], "edit_masks"
-  and "identity_masks": bool [B, T, h, w], all False (real data has no exact masks)} of one bucket
-  each; with `pairs` (stage 1) T = 1 and each turn of a sample is a pair of its own. `counts`:
-  the defects so far; `variants`: the bucket shapes a step can see."""
+class Reader:
+  """The p-th read of the samples as prepared items: a plain object (no threads or open files),
+  so grain can pickle it into worker processes."""
 
-  def __init__(self, source, *, batch_size, base, text_len, seed, step=64, max_ratio=4.0,
-               max_turns=None, exact_turns=False, language="en", tokenizer="bytes",
-               num_epochs=None, shuffle=True, read_threads=1, prefetch=16, agree=alone,
-               pairs=False, max_pending=4096):
-    super().__init__()
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if language not in wds.LANGUAGES + ("random",):
-      raise ValueError(f"language {language!r}: give one of {wds.LANGUAGES + ('random',)}")
-    if max_turns is not None and max_turns < 1:
-      raise ValueError(f"data.num_turns={max_turns}: a multi-turn batch needs at least one edit a "
-                       "sequence; give 1 or more")
-    if agree is not alone and max_turns is None and not pairs:
-      raise ValueError("several processes need data.max_turns (the turn counts must be known)")
-    if not len(source):
-      raise ValueError("no samples in this process's shards")
-    self.source, self.B, self.seed, self.agree = source, batch_size, seed, agree
-    self.max_pending = max_pending  # samples waiting in buckets before the data is called unusable
-    self.buckets = bk.hw_buckets(base, step, max_ratio)
-    self.pairs = pairs  # stage 1: every turn of a sample becomes its own (previous, next) pair
-    self.max_turns = 1 if pairs else max_turns  # of a batch (None: unbounded)
-    self.parse = dict(max_turns=max_turns, exact_turns=exact_turns)
+  def __init__(self, source, seed, shuffle, buckets, parse, language, text_len, tokenizer, pairs):
+    self.source, self.seed, self.shuffle, self.buckets, self.parse = source, seed, shuffle, buckets, parse
     self.language, self.text_len, self.tokenizer = language, text_len, tokenizer
-    n = len(source)
-    self.shuffle = shuffle
-    reads = grain.MapDataset.range(n * num_epochs if num_epochs else sys.maxsize)
-    self.reads = reads.map(lambda p: self._load(self._index(p)))
-    self.options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
-    self._start({"read": None, "pending": {}, "counts": {}, "shapes": []})
+    self.pairs = pairs  # stage 1: every turn of a sample becomes its own (previous, next) pair
 
-  # --- reading ---------------------------------------------------------------------------
+  def __call__(self, p: int):
+    return self.load(self.index(p))
 
-  def _index(self, p: int) -> int:
+  def index(self, p: int) -> int:
     """Source index of the p-th read: a fresh permutation of the samples each epoch."""
     n = len(self.source)
     epoch, j = divmod(int(p), n)
     return int(permutation(self.seed, epoch, n)[j]) if self.shuffle else j
 
-  def _load(self, i: int):
+  def load(self, i: int):
     """(source index, [(item id, prepared item)], defects) of sample i: one item, or one per
     turn with `pairs`; an item id is [i, turn] (turn -1: the whole sample)."""
     language = self.language
@@ -96,11 +70,51 @@ class BucketBatches(grain.DatasetIterator):
                  for k in range(len(tokens))], defects
     return i, [([i, -1], {"key": (len(tokens), h, w), "images": images, "tokens": tokens})], defects
 
+
+class BucketBatches(grain.DatasetIterator):
+  """Batches {"images": uint8 [B, T+1, h, w, 3], "tokens": int32 [B, T, text_len], "edit_masks"
+  and "identity_masks": bool [B, T, h, w], all False (real data has no exact masks)} of one bucket
+  each; with `pairs` (stage 1) T = 1 and each turn of a sample is a pair of its own. `counts`:
+  the defects so far; `variants`: the bucket shapes a step can see."""
+
+  def __init__(self, source, *, batch_size, base, text_len, seed, step=64, max_ratio=4.0,
+               max_turns=None, exact_turns=False, language="en", tokenizer="bytes",
+               num_epochs=None, shuffle=True, read_threads=1, prefetch=16, agree=alone,
+               pairs=False, max_pending=4096, read_workers=0):
+    super().__init__()
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if language not in wds.LANGUAGES + ("random",):
+      raise ValueError(f"language {language!r}: give one of {wds.LANGUAGES + ('random',)}")
+    if max_turns is not None and max_turns < 1:
+      raise ValueError(f"data.num_turns={max_turns}: a multi-turn batch needs at least one edit a "
+                       "sequence; give 1 or more")
+    if agree is not alone and max_turns is None and not pairs:
+      raise ValueError("several processes need data.max_turns (the turn counts must be known)")
+    if not len(source):
+      raise ValueError("no samples in this process's shards")
+    if read_workers < 0:
+      raise ValueError(f"data.workers={read_workers}: give 0 (read threads only) or more processes")
+    self.source, self.B, self.agree = source, batch_size, agree
+    self.max_pending = max_pending  # samples waiting in buckets before the data is called unusable
+    self.buckets = bk.hw_buckets(base, step, max_ratio)
+    self.max_turns = 1 if pairs else max_turns  # of a batch (None: unbounded)
+    self.exact_turns = exact_turns
+    self.reader = Reader(source, seed, shuffle, self.buckets, dict(max_turns=max_turns, exact_turns=exact_turns),
+                         language, text_len, tokenizer, pairs)
+    self.reads = grain.MapDataset.range(len(source) * num_epochs if num_epochs else sys.maxsize).map(self.reader)
+    self.options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    self.workers = read_workers
+    self._start({"read": None, "pending": {}, "counts": {}, "shapes": []})
+
   # --- state -----------------------------------------------------------------------------
 
   def _start(self, state):
+    if state["read"] is not None and state.get("workers", 0) != self.workers:
+      raise ValueError(f"the data position was saved with data.workers={state.get('workers', 0)}; "
+                       f"resume with that many reader processes (this run has {self.workers})")
     self.close()
-    self.it = iter(self.reads.to_iter_dataset(self.options))
+    self.it = iter(pipeline.in_processes(self.reads.to_iter_dataset(self.options), self.workers))
     if state["read"] is not None:
       self.it.set_state(state["read"])
     self.counts = dict.fromkeys(wds.DEFECTS, 0) | dict(state["counts"])
@@ -114,12 +128,13 @@ class BucketBatches(grain.DatasetIterator):
     self.waiting = {}  # the same as item ids, for the state
     for _, ids in sorted(state["pending"].items()):
       for i, k in ids:
-        item = next(s for j, s in self._load(i)[1] if j == [i, k])
+        item = next(s for j, s in self.reader.load(i)[1] if j == [i, k])
         self._add([i, k], item)
     self.done, self.dry = False, 0  # reads since a sample was last kept
 
   def get_state(self):
     return {"read": self.it.get_state(), "counts": dict(self.counts), "shapes": sorted(self.shapes),
+            "workers": self.workers,
             "pending": {"x".join(map(str, k)): list(v) for k, v in self.waiting.items()}}
 
   def set_state(self, state):
@@ -133,7 +148,7 @@ class BucketBatches(grain.DatasetIterator):
     the turn counts are unbounded (no max_turns)."""
     if self.max_turns is None:
       return None
-    return len(self.buckets) * (1 if self.parse["exact_turns"] else self.max_turns)
+    return len(self.buckets) * (1 if self.exact_turns else self.max_turns)
 
   def _add(self, item_id, item):
     self.pending.setdefault(item["key"], []).append(item)

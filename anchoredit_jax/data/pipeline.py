@@ -97,14 +97,19 @@ def make_dataset(*, split, res, num_turns, batch_size, text_len, seed, ops=None,
       i, split=split, res=res, num_turns=num_turns, text_len=text_len, ops=ops,
       background=background, tokenizer=tokenizer))
   ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=worker_threads,
-                                               prefetch_buffer_size=prefetch_batches))
-  if worker_processes > 0:
-    if not flags.FLAGS.is_parsed():  # grain workers read absl flags; scripts without absl.app never parse
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_processes,
-                                                          per_worker_buffer_size=2))
-  return it_ds
+  return in_processes(ds.to_iter_dataset(grain.ReadOptions(num_threads=worker_threads,
+                                                          prefetch_buffer_size=prefetch_batches)),
+                      worker_processes)
+
+
+def in_processes(it_ds: grain.IterDataset, workers: int, buffer: int = 2) -> grain.IterDataset:
+  """`it_ds` read by `workers` processes (grain mp_prefetch: worker w takes the reads w, w + n,
+  ...; the order and the checkpointable state stay as with one process); itself for 0."""
+  if workers <= 0:
+    return it_ds
+  if not flags.FLAGS.is_parsed():  # grain workers read absl flags; scripts without absl.app never parse
+    flags.FLAGS.mark_as_parsed()
+  return it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffer))
 
 
 def save_iterator_state(it) -> str:
