@@ -9,6 +9,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 from flax import nnx
 
@@ -333,6 +334,11 @@ def test_the_benchmark_scores_your_own_shards(clip, dino, tmp_path, monkeypatch)
   table = (tmp_path / "bench" / "table.md").read_text()
   assert "CLIP-T to the instruction" in table and "ground-truth turns as context" in table
   assert "sequences of your data" in table and (tmp_path / "bench" / "drift.png").exists()
+  sheet = np.asarray(Image.open(tmp_path / "bench" / "contact.png").convert("RGB"))
+  assert sheet.shape[1] == 150 + 48 * 3  # labels, then the source and 2 turns
+  for t in range(3):  # sequence 0's ground-truth row is your data's images
+    want = np.asarray(Image.fromarray(gt[0, t]).resize((48, 48), Image.NEAREST))
+    np.testing.assert_array_equal(sheet[:48, 150 + 48 * t:198 + 48 * t], want)
   with pytest.raises(SystemExit) as e:
     bench.main(["--data", shards, "--metrics", "dino"])
   assert e.value.code == 2
