@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -18,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from anchoredit_jax.checkpoint import flat_params, load_params  # noqa: E402
 from anchoredit_jax.convert import wan  # noqa: E402
 from anchoredit_jax.data import export_wds, shapes, wds  # noqa: E402
-from anchoredit_jax.eval import multiturn as mt  # noqa: E402
+from anchoredit_jax.eval import multiturn as mt, report  # noqa: E402
 from configs import common  # noqa: E402
 from configs.wan import pretrain as wan_pretrain  # noqa: E402
 from tests.helpers import tiny_wan_folder  # noqa: E402
@@ -101,6 +102,14 @@ def test_stages_1_and_2_train_from_the_folder_with_frozen_encoders(wan_folder, t
   assert seqs["tokens"].max() < 128  # the tiny word tokenizer's ids, not bytes
   assert len(r["per_turn"]["identity_psnr"]) == 2 and np.isfinite(r["per_turn"]["identity_psnr"]).all()
   assert 0.0 <= r["per_turn"]["success"][1] <= 1.0 and r["state_bytes"] > 0
+  # ... and written out as the benchmark command writes it
+  report.write_outputs(results, seqs, traj, {}, str(tmp_path / "bench"), {"command": "test"})
+  written = json.loads((tmp_path / "bench" / "results.json").read_text())
+  assert written["image_size"] == [256, 256]
+  np.testing.assert_allclose(written["systems"]["ii4"]["per_turn"]["identity_psnr"], r["per_turn"]["identity_psnr"])
+  assert "ii4" in (tmp_path / "bench" / "table.md").read_text()
+  sheet = Image.open(tmp_path / "bench" / "contact.png")
+  assert sheet.size == (150 + 48 * 3, 48 * 2 * 2 + 4 * 2)  # 2 sequences x (truth + ii4) rows
 
 
 def test_loader_shards_the_dit_on_a_mesh(wan_folder):

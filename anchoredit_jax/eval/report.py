@@ -217,10 +217,12 @@ def contact_sheet(seqs, trajectories: dict, path: str, cell: int = 48):
 
 
 def write_outputs(results, seqs, trajectories, skipped, out, meta) -> str:
-  """results.json, table.md, drift.png and contact.png in `out`; returns the table."""
+  """results.json (with `meta` and the images' height and width), table.md, drift.png and
+  contact.png in `out`; returns the table."""
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({**meta, "systems": results, "skipped": skipped}, f, indent=2)
+    json.dump({**meta, "image_size": list(seqs["images"].shape[2:4]), "systems": results,
+               "skipped": skipped}, f, indent=2)
   tab = (table if masked(results) else own_table)(results, seqs["tokens"].shape[1])
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(headline(results) + "\n\n" + tab + "\n")
