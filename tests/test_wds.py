@@ -374,7 +374,7 @@ def test_a_random_language_is_drawn_per_sample_and_kept_on_every_read(tmp_path):
   it = _batcher(wds.Source(wds.shard_list(str(tmp_path / "*.tar"))), language="random", num_epochs=1)
 
   def language(i):
-    _, items, _ = it._load(i)
+    _, items, _ = it.reader.load(i)
     return {detokenize(t).split(" ")[0] for t in items[0][1]["tokens"]}  # "en" or "zh", per turn
 
   drawn = [language(i) for i in range(8)]
