@@ -86,15 +86,15 @@ def image(tmp_path):
 
 def test_stages_3_and_3b_train_on_shards_read_by_two_processes(runs, tmp_path):
   """Stage 3 (from the causal run) and stage 3b (from the distill run) on WebDataset shards, the
-  samples read by two grain worker processes; a sample with broken JSON among them is skipped
-  and its count reaches metrics.jsonl."""
+  samples read by two grain worker processes in stage 3; a sample with broken JSON among them is
+  skipped and its count reaches metrics.jsonl."""
   from anchoredit_jax.data import export_wds, wds
   export_wds.export(str(tmp_path / "wds"), sequences=12, turns=3, res=32, per_shard=6)
   png = wds.encode_image(np.zeros((32, 32, 3), np.uint8))
   wds.write_shard(str(tmp_path / "wds" / "bad.tar"), [{"__key__": "bad", "json": b"{", "0.png": png, "1.png": png}])
-  own = ["--config.data.source=wds", f"--config.data.shards={tmp_path / 'wds'}/*.tar", "--config.data.workers=2",
+  own = ["--config.data.source=wds", f"--config.data.shards={tmp_path / 'wds'}/*.tar",
          "--config.train.steps=2", "--config.train.log_every=1", "--config.eval.pairs=0"]
-  for name, stage, extra in (("s3", "distill", [f"--config.init_from={runs / 's2'}"]),
+  for name, stage, extra in (("s3", "distill", [f"--config.init_from={runs / 's2'}", "--config.data.workers=2"]),
                              ("s3b", "dmd", [f"--config.init_from={runs / 's3'}", f"--config.dmd.real_from={runs / 's2'}"])):
     p = run("anchoredit_jax.train", f"--config=configs/{stage}.py:smoke", f"--workdir={tmp_path / name}", *own, *extra)
     assert p.returncode == 0, p.stderr[-2000:]
