@@ -328,6 +328,21 @@ def _row_step(line) -> float:
     return float("inf")
 
 
+def summary_writer(logdir, purge_step=None):
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch where it is
+  installed only to accept torch tensors, which costs every training process 1.5-2 s and a few
+  hundred MB (None in sys.modules makes `import torch` raise ImportError, which it handles)."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter  # deferred: only process 0 writes, and only here
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir, purge_step=purge_step)
+
+
 class MetricLog:
   """metrics.jsonl + TensorBoard; only process 0 writes."""
 
@@ -336,8 +351,7 @@ class MetricLog:
     dropped, so metrics.jsonl has one row per step and kind."""
     self.on = jax.process_index() == 0
     if self.on:
-      from tensorboardX import SummaryWriter  # deferred: it imports torch when installed (seconds)
-      self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start or None)
+      self.tb = summary_writer(os.path.join(workdir, "tb"), purge_step=start or None)
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_rows_after(path, start)
       self.f = open(path, "a")
