@@ -215,6 +215,16 @@ def test_pipeline_checkpoint_resume():
     assert np.array_equal(expected[k], got[k]), k
 
 
+def test_reader_processes_give_the_same_batches_and_a_resume_on_threads_is_refused():
+  it = iter(pipeline.make_dataset(**_KW, worker_processes=2))
+  want, got = next(iter(pipeline.make_dataset(**_KW))), next(it)
+  assert all(np.array_equal(want[k], got[k]) for k in got)
+  state = pipeline.save_iterator_state(it)
+  it.close()
+  with pytest.raises(ValueError, match="data.workers among them"):
+    pipeline.restore_iterator_state(iter(pipeline.make_dataset(**_KW)), state)
+
+
 def test_process_sharding_is_disjoint():
   import grain
   base = grain.MapDataset.range(100)

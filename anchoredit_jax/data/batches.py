@@ -1,8 +1,8 @@
 """Batches of multi-turn samples per (turns, height, width) bucket, with a checkpointable position.
 
 Samples are read in a seeded order (a new permutation each epoch) by grain's prefetching threads
-(and with `read_workers` by that many processes, the order unchanged), each parsed (`wds.parse`), given its aspect-ratio bucket, cropped and resized (`buckets.py`) and
-tokenized. A sample waits in its bucket until the bucket holds a batch. Bad samples are skipped,
+(and with `read_workers` by that many processes, the order unchanged), each parsed
+(`wds.parse`), given its aspect-ratio bucket, cropped and resized (`buckets.py`) and tokenized. A sample waits in its bucket until the bucket holds a batch. Bad samples are skipped,
 counted per defect kind (`counts`, cumulative over resumes) and warned about once per kind.
 
 The state (`get_state`) is grain's read position plus the indices of the samples waiting in
@@ -99,7 +99,6 @@ class BucketBatches(grain.DatasetIterator):
     self.max_pending = max_pending  # samples waiting in buckets before the data is called unusable
     self.buckets = bk.hw_buckets(base, step, max_ratio)
     self.max_turns = 1 if pairs else max_turns  # of a batch (None: unbounded)
-    self.exact_turns = exact_turns
     self.reader = Reader(source, seed, shuffle, self.buckets, dict(max_turns=max_turns, exact_turns=exact_turns),
                          language, text_len, tokenizer, pairs)
     self.reads = grain.MapDataset.range(len(source) * num_epochs if num_epochs else sys.maxsize).map(self.reader)
@@ -148,7 +147,7 @@ class BucketBatches(grain.DatasetIterator):
     the turn counts are unbounded (no max_turns)."""
     if self.max_turns is None:
       return None
-    return len(self.buckets) * (1 if self.exact_turns else self.max_turns)
+    return len(self.buckets) * (1 if self.reader.parse["exact_turns"] else self.max_turns)
 
   def _add(self, item_id, item):
     self.pending.setdefault(item["key"], []).append(item)

@@ -118,8 +118,14 @@ def save_iterator_state(it) -> str:
 
 
 def restore_iterator_state(it, state) -> None:
-  """Inverse of save_iterator_state; also accepts the raw dict from `it.get_state()`."""
-  it.set_state(json.loads(state) if isinstance(state, (str, bytes)) else state)
+  """Inverse of save_iterator_state; also accepts the raw dict from `it.get_state()`. A state of
+  another pipeline layout (grain's keys differ with the number of reader processes) is refused
+  with a ValueError."""
+  try:
+    it.set_state(json.loads(state) if isinstance(state, (str, bytes)) else state)
+  except (KeyError, IndexError, TypeError) as e:
+    raise ValueError(f"the saved data position does not fit this data pipeline (grain: {e!r}); "
+                     "resume with the data settings it was saved with (data.workers among them)") from e
 
 
 def benchmark(num_batches=50, **kw) -> float:
